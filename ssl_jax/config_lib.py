@@ -1,0 +1,174 @@
+"""Shared pieces of the experiment configs in `configs/`: the argument-string parser, the
+fields every experiment has, and validation that names the fix for each problem."""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'key=value,key=value' (the part after ':' in --config=file.py:ARG).
+
+  Values are converted to the type of the default; an unknown key is an error listing the
+  known ones, so a typo never silently falls back to a default.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(','):
+    if '=' not in item:
+      raise ValueError(f'Config argument {item!r} is not key=value; known keys: '
+                       f'{sorted(defaults)}.')
+    key, value = (s.strip() for s in item.split('=', 1))
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'Config argument {key} must be true or false, got {value!r}.')
+      result[key] = value.lower() in ('true', '1')
+    else:
+      result[key] = type(default)(value)
+  return result
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every experiment has. Method configs fill `method` and adjust the rest."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 256                  # global batch, over all devices and hosts
+  c.num_epochs = 1.0
+  c.total_steps = 0                   # > 0 overrides num_epochs
+  c.log_every_steps = 50
+  c.eval_every_steps = 0              # periodic kNN monitor; 0 = only at the end
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+
+  c.method = ml_collections.ConfigDict()
+  c.method.name = 'simclr'
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'resnet18'
+  c.model.width = 64                  # ResNet first-stage channels
+  c.model.small_images = True         # CIFAR-style stem for inputs <= 32 pixels
+  c.model.widths = (32, 64, 128)      # ConvNet stage channels
+  c.model.convs_per_stage = 2
+  c.model.dtype = 'float32'           # 'bfloat16' computes in bf16, parameters stay float32
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'fashion_mnist'       # or 'tfds:<name>', e.g. 'tfds:cifar10'
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.download = False
+  c.data.train_split = 'train'
+  c.data.eval_train_split = 'train'   # kNN memory bank (labels used only for evaluation)
+  c.data.eval_split = 'test'
+  c.data.worker_count = 0
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_size = 28
+  c.augment.crop_scale = (0.08, 1.0)
+  c.augment.crop_ratio = (3 / 4, 4 / 3)
+  c.augment.flip_prob = 0.5
+  c.augment.jitter_prob = 0.8
+  c.augment.brightness = 0.8
+  c.augment.contrast = 0.8
+  c.augment.saturation = 0.8
+  c.augment.hue = 0.2
+  c.augment.grayscale_prob = 0.2
+  c.augment.blur_prob = 0.5
+  c.augment.blur_sigma = (0.1, 2.0)
+  c.augment.solarize_prob = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'lars'           # 'lars', 'sgd' or 'adamw'
+  c.optimizer.base_lr = 0.3
+  c.optimizer.lr_scaling = 'linear'   # 'linear' (x B/256), 'sqrt' (x sqrt(B)) or 'none'
+  c.optimizer.warmup_epochs = 10.0
+  c.optimizer.weight_decay = 1e-6
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.trust_coefficient = 0.001
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.knn_k = 200
+  c.eval.knn_temperature = 0.07
+  c.eval.batch_size = 1024
+  c.eval.periodic_bank_size = 10000   # bank examples for the periodic kNN (all at the end)
+  c.eval.periodic_test_size = 2000
+  c.eval.baselines = True             # also score raw pixels and the random-init encoder
+  return c
+
+
+def flatten(config, prefix: str = '') -> dict:
+  """{'optimizer.base_lr': 0.3, ...}: the form hyper-parameter tables want."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  return flat
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message lists every problem and its fix."""
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1):
+  """Checks everything that can be checked before any work starts."""
+  # Imported here: the registries import jax/flax, which config files should not need.
+  from ssl_jax import methods, models, optim
+  from ssl_jax.data import sources
+
+  problems = []
+
+  def check(ok, message):
+    if not ok:
+      problems.append(message)
+
+  b = config.batch_size
+  check(b > 0, f'batch_size must be positive, got {b}.')
+  check(b <= 0 or b % num_devices == 0,
+        f'batch_size={b} is not divisible by the {num_devices} devices: set --config.batch_size '
+        f'to a multiple of {num_devices} (e.g. {max(num_devices, b // num_devices * num_devices)}).')
+  check(b <= 0 or b % num_processes == 0,
+        f'batch_size={b} is not divisible by the {num_processes} processes (hosts).')
+  check(config.num_epochs > 0 or config.total_steps > 0,
+        'Set num_epochs > 0 or total_steps > 0.')
+  check(config.log_every_steps > 0, 'log_every_steps must be positive.')
+  check(config.checkpoint_every_steps > 0, 'checkpoint_every_steps must be positive.')
+  check(config.keep_checkpoints >= 1, 'keep_checkpoints must be at least 1.')
+  check(config.eval_every_steps >= 0, 'eval_every_steps must be >= 0 (0 disables it).')
+  check(config.method.name in methods.METHODS,
+        f'method.name={config.method.name!r} is unknown; known: {sorted(methods.METHODS)}.')
+  if 'temperature' in config.method:
+    check(config.method.temperature > 0, 'method.temperature must be positive.')
+  check(config.model.name in models.ENCODERS,
+        f'model.name={config.model.name!r} is unknown; known: {sorted(models.ENCODERS)}.')
+  check(config.model.dtype in models.DTYPES,
+        f'model.dtype={config.model.dtype!r} is unknown; known: {sorted(models.DTYPES)}.')
+  check(config.optimizer.name in optim.OPTIMIZERS,
+        f'optimizer.name={config.optimizer.name!r} is unknown; known: {list(optim.OPTIMIZERS)}.')
+  check(config.optimizer.lr_scaling in ('linear', 'sqrt', 'none'),
+        "optimizer.lr_scaling must be 'linear', 'sqrt' or 'none'.")
+  check(config.optimizer.base_lr > 0, 'optimizer.base_lr must be positive.')
+  check(config.optimizer.warmup_epochs >= 0, 'optimizer.warmup_epochs must be >= 0.')
+  check(config.data.name in sources.KNOWN_SOURCES or config.data.name.startswith('tfds:'),
+        f'data.name={config.data.name!r} is unknown; use one of {sorted(sources.KNOWN_SOURCES)} '
+        "or 'tfds:<dataset name>'.")
+  a = config.augment
+  check(a.crop_size > 0, 'augment.crop_size must be positive.')
+  check(0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+        f'augment.crop_scale must satisfy 0 < min <= max <= 1, got {a.crop_scale}.')
+  check(0 < a.crop_ratio[0] <= a.crop_ratio[1], 'augment.crop_ratio must be 0 < min <= max.')
+  for name in ('flip_prob', 'jitter_prob', 'grayscale_prob', 'blur_prob', 'solarize_prob'):
+    check(0 <= a[name] <= 1, f'augment.{name} must be a probability in [0, 1], got {a[name]}.')
+  e = config.eval
+  check(e.knn_k > 0, 'eval.knn_k must be positive.')
+  check(e.knn_temperature > 0, 'eval.knn_temperature must be positive.')
+  check(e.batch_size > 0, 'eval.batch_size must be positive.')
+  if problems:
+    raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

@@ -1,0 +1,26 @@
+"""Feature extraction from a frozen encoder, in fixed-size jitted batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+
+
+def extract_features(encode_fn, images_uint8: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+  """Applies `encode_fn(float_images) -> [B, D]` over uint8 images [N, H, W, C] in batches.
+
+  The last batch is padded so that one compiled shape serves every batch.
+  """
+  encode = jax.jit(lambda x: encode_fn(x.astype(np.float32) / 255.0))
+  outputs = []
+  for start in range(0, len(images_uint8), batch_size):
+    batch = images_uint8[start:start + batch_size]
+    pad = batch_size - len(batch)
+    if pad:
+      batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
+    outputs.append(np.asarray(encode(batch))[:batch_size - pad])
+  return np.concatenate(outputs)
+
+
+def raw_pixel_features(images_uint8: np.ndarray) -> np.ndarray:
+  return images_uint8.reshape(len(images_uint8), -1).astype(np.float32) / 255.0

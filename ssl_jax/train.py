@@ -1,0 +1,138 @@
+"""The training loop: init or restore, step, log, evaluate, checkpoint. Method-agnostic."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from ssl_jax import checkpoint, config_lib, optim, parallel
+from ssl_jax.data import pipeline, sources
+from ssl_jax.evaluation.monitor import KnnEvaluator
+from ssl_jax.methods import build_method
+from ssl_jax.state import create_train_state
+from ssl_jax.train_step import make_train_step
+
+
+def schedule_steps(config, num_train_examples: int) -> tuple[int, int]:
+  """(total_steps, warmup_steps) from epochs, unless total_steps is set."""
+  steps_per_epoch = max(1, num_train_examples // config.batch_size)
+  total = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
+  warmup = min(round(config.optimizer.warmup_epochs * steps_per_epoch), total)
+  return total, warmup
+
+
+def _sample_images(config, source):
+  channels = source[0]['image'].shape[-1]
+  size = config.augment.crop_size
+  return jnp.zeros((2, size, size, channels), jnp.float32)
+
+
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  `stop_at_step` ends the run early (after checkpointing) as a pre-emption would; the
+  schedule still spans the full run. Returns the final metrics.
+  """
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  d = config.data
+  train_source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir,
+                                    download=d.download)
+  total_steps, warmup_steps = schedule_steps(config, len(train_source))
+  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, total_steps,
+                                          warmup_steps)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  method = build_method(config)
+  iterator = pipeline.make_train_iterator(train_source, global_batch_size=config.batch_size,
+                                          seed=config.seed, worker_count=d.worker_count)
+
+  sample = _sample_images(config, train_source)
+  init_fn = jax.jit(lambda rng: create_train_state(method, tx, rng, sample),
+                    out_shardings=parallel.replicated(mesh))
+  state = init_fn(jax.random.PRNGKey(config.seed))
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  state, iterator, restored_step = ckpt.restore_or_keep(state, iterator)
+  step = int(jax.device_get(state.step))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if restored_step is None:
+    writer.write_hparams(config_lib.flatten(config))
+  logging.info('Training %s for %d steps (%d warm-up) on %d devices, global batch %d; '
+               'starting at step %d.', config.method.name, total_steps, warmup_steps,
+               jax.device_count(), config.batch_size, step)
+
+  train_step = make_train_step(method, tx, mesh, config.augment, schedule)
+  encode = lambda s: (lambda x: method.encode(s.params, s.batch_stats, x))
+  monitor = None
+  if config.eval_every_steps:
+    monitor = KnnEvaluator.from_config(config, config.eval.periodic_bank_size,
+                                       config.eval.periodic_test_size)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)
+  last_step = min(total_steps, stop_at_step or total_steps)
+  pending = []
+  window_start = time.monotonic()
+  window_steps = 0
+  while step < last_step:
+    batch = next(iterator)
+    images = parallel.global_batch_from_host(batch['image'], mesh)
+    state, metrics = train_step(state, images)
+    pending.append(metrics)
+    step += 1
+    window_steps += 1
+    report(step)
+    if step % config.log_every_steps == 0 or step == last_step:
+      summary = {k: float(np.mean(v)) for k, v in
+                 jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
+      elapsed = time.monotonic() - window_start
+      summary['images_per_sec'] = window_steps * config.batch_size / elapsed
+      writer.write_scalars(step, summary)
+      logging.info('step %d/%d: loss %.4f, %.0f images/s, ~%.0f s left', step, total_steps,
+                   summary['loss'], summary['images_per_sec'],
+                   (total_steps - step) * elapsed / window_steps)
+      if not np.isfinite(summary['loss']):
+        raise FloatingPointError(f'Loss is {summary["loss"]} at step {step}; lower '
+                                 'optimizer.base_lr or raise warmup_epochs.')
+      pending, window_start, window_steps = [], time.monotonic(), 0
+    if monitor is not None and step % config.eval_every_steps == 0:
+      with report.timed('eval'):
+        writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode(state))})
+      window_start = time.monotonic()
+    if step % config.checkpoint_every_steps == 0 or step == last_step:
+      ckpt.save(step, state, iterator)
+  ckpt.wait()
+  ckpt.close()
+
+  results = {'step': step}
+  if step == total_steps:
+    # The random-init baseline is re-created rather than kept: the step donates its input.
+    initial = init_fn(jax.random.PRNGKey(config.seed)) if config.eval.baselines else None
+    results.update(final_evaluation(config, method, state, initial))
+    writer.write_scalars(step, {f'final/{k}': v for k, v in results.items() if k != 'step'})
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+  writer.flush()
+  return results
+
+
+def final_evaluation(config, method, state, initial_state=None) -> dict:
+  """kNN top-1 on the full evaluation split, with the raw-pixel and random-init baselines."""
+  evaluator = KnnEvaluator.from_config(config)
+  results = {'knn_top1': evaluator.score_encoder(
+      lambda x: method.encode(state.params, state.batch_stats, x))}
+  if initial_state is not None:
+    results['knn_top1_random_init'] = evaluator.score_encoder(
+        lambda x: method.encode(initial_state.params, initial_state.batch_stats, x))
+    results['knn_top1_raw_pixels'] = evaluator.score_raw_pixels()
+  return results

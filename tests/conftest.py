@@ -1,0 +1,9 @@
+"""Test set-up: eight simulated CPU devices, so every test can check sharded against
+single-device results. XLA reads the flag when jax initialises its backend, hence here,
+before any test module imports jax."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
