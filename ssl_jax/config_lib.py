@@ -96,8 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.knn_k = 200
   c.eval.knn_temperature = 0.07
   c.eval.batch_size = 1024
-  c.eval.periodic_bank_size = 10000   # bank examples for the periodic kNN (all at the end)
+  c.eval.image_size = 0               # resize evaluation images to this side; 0 = as stored
+  c.eval.periodic_bank_size = 10000   # the periodic kNN monitor uses the first examples only
   c.eval.periodic_test_size = 2000
+  c.eval.final_bank_size = 0          # 0 = the whole split, for the final evaluation
+  c.eval.final_test_size = 0
   c.eval.baselines = True             # also score raw pixels and the random-init encoder
   return c
 

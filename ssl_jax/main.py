@@ -46,7 +46,7 @@ def main(argv):
 
   jax.config.parse_flags_with_absl()
   try:
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    _, results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except config_lib.ConfigError as e:
     logging.error('%s', e)
     sys.exit(f'{e}')

@@ -35,11 +35,12 @@ def _sample_images(config, source):
   return jnp.zeros((2, size, size, channels), jnp.float32)
 
 
-def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   `stop_at_step` ends the run early (after checkpointing) as a pre-emption would; the
-  schedule still spans the full run. Returns the final metrics.
+  schedule still spans the full run. Returns (final train state, results dict); the results
+  hold the final evaluation when the run reached its last step.
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
@@ -123,12 +124,13 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
       with open(os.path.join(workdir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
   writer.flush()
-  return results
+  return state, results
 
 
 def final_evaluation(config, method, state, initial_state=None) -> dict:
   """kNN top-1 on the full evaluation split, with the raw-pixel and random-init baselines."""
-  evaluator = KnnEvaluator.from_config(config)
+  evaluator = KnnEvaluator.from_config(config, config.eval.final_bank_size or None,
+                                       config.eval.final_test_size or None)
   results = {'knn_top1': evaluator.score_encoder(
       lambda x: method.encode(state.params, state.batch_stats, x))}
   if initial_state is not None:

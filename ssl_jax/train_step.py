@@ -51,7 +51,7 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
       momentum = method.target_momentum(state.step)
       target_params = optax.incremental_update(params, target_params, step_size=1.0 - momentum)
       metrics['target_momentum'] = momentum
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if schedule is not None:
       metrics['learning_rate'] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,

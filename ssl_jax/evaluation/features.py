@@ -6,12 +6,22 @@ import numpy as np
 import jax
 
 
-def extract_features(encode_fn, images_uint8: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+def extract_features(encode_fn, images_uint8: np.ndarray, batch_size: int = 1024,
+                     image_size: int | None = None) -> np.ndarray:
   """Applies `encode_fn(float_images) -> [B, D]` over uint8 images [N, H, W, C] in batches.
 
-  The last batch is padded so that one compiled shape serves every batch.
+  `image_size` resizes the images first (bilinear, antialiased), for encoders trained on
+  crops of another resolution. The last batch is padded so that one compiled shape serves
+  every batch.
   """
-  encode = jax.jit(lambda x: encode_fn(x.astype(np.float32) / 255.0))
+
+  def encode(x):
+    x = x.astype(np.float32) / 255.0
+    if image_size and image_size != x.shape[1]:
+      x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), 'bilinear')
+    return encode_fn(x)
+
+  encode = jax.jit(encode)
   outputs = []
   for start in range(0, len(images_uint8), batch_size):
     batch = images_uint8[start:start + batch_size]

@@ -20,6 +20,7 @@ class KnnEvaluator:
   k: int = 200
   temperature: float = 0.07
   batch_size: int = 1024
+  image_size: int | None = None
 
   @classmethod
   def from_config(cls, config, bank_size: int | None = None, test_size: int | None = None):
@@ -30,7 +31,8 @@ class KnnEvaluator:
     bank_images, bank_labels = pipeline.make_eval_arrays(bank, max_examples=bank_size)
     test_images, test_labels = pipeline.make_eval_arrays(test, max_examples=test_size)
     return cls(bank_images, bank_labels, test_images, test_labels, k=config.eval.knn_k,
-               temperature=config.eval.knn_temperature, batch_size=config.eval.batch_size)
+               temperature=config.eval.knn_temperature, batch_size=config.eval.batch_size,
+               image_size=config.eval.image_size or None)
 
   @property
   def num_classes(self) -> int:
@@ -43,9 +45,9 @@ class KnnEvaluator:
 
   def score_encoder(self, encode_fn) -> float:
     """encode_fn maps float images in [0, 1] to features."""
-    return self.score_features(
-        features.extract_features(encode_fn, self.bank_images, self.batch_size),
-        features.extract_features(encode_fn, self.test_images, self.batch_size))
+    extract = lambda images: features.extract_features(encode_fn, images, self.batch_size,
+                                                       self.image_size)
+    return self.score_features(extract(self.bank_images), extract(self.test_images))
 
   def score_raw_pixels(self) -> float:
     return self.score_features(features.raw_pixel_features(self.bank_images),

@@ -1,0 +1,243 @@
+"""Learning-rate scaling and schedule, the weight-decay mask, and the optimizers' first
+updates checked against their closed forms."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from ssl_jax import optim
+from ssl_jax.models import ConvNet
+from ssl_jax.models.heads import ProjectionMLP
+
+
+def _opt_cfg(**overrides):
+  cfg = ml_collections.ConfigDict(dict(
+      name='lars', base_lr=0.3, lr_scaling='linear', weight_decay=1e-2,
+      trust_coefficient=0.001, momentum=0.9, nesterov=False, b1=0.9, b2=0.999))
+  cfg.update(overrides)
+  return cfg
+
+
+# ----------------------------------------------------------------------- learning rate
+
+@pytest.mark.parametrize('scaling, batch, expected', [
+    ('linear', 256, 0.3), ('linear', 4096, 0.3 * 16), ('linear', 64, 0.3 / 4),
+    ('sqrt', 16, 0.3 * 4), ('sqrt', 4096, 0.3 * 64), ('sqrt', 2, 0.3 * math.sqrt(2)),
+    ('none', 4096, 0.3), ('none', 1, 0.3),
+])
+def test_scaled_learning_rate(scaling, batch, expected):
+  lr = optim.scaled_learning_rate(_opt_cfg(lr_scaling=scaling), batch)
+  assert lr == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize('scaling', ['Linear', 'square_root', '', None])
+def test_scaled_learning_rate_rejects_unknown_scaling(scaling):
+  with pytest.raises(ValueError, match='lr_scaling'):
+    optim.scaled_learning_rate(_opt_cfg(lr_scaling=scaling), 256)
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+  cfg = _opt_cfg(base_lr=0.2, lr_scaling='linear')
+  peak = 0.2 * 512 / 256
+  total, warmup = 110, 10
+  schedule = optim.learning_rate_schedule(cfg, 512, total_steps=total, warmup_steps=warmup)
+  lr = lambda step: float(schedule(step))  # noqa: E731
+  assert lr(0) == 0.0
+  # Linear warm-up.
+  assert lr(5) == pytest.approx(peak / 2, rel=1e-6)
+  assert lr(1) == pytest.approx(peak / 10, rel=1e-6)
+  assert lr(9) == pytest.approx(peak * 9 / 10, rel=1e-6)
+  assert lr(warmup) == pytest.approx(peak, rel=1e-6)
+  # Cosine over the remaining steps: half the peak at the midpoint, zero at the end.
+  assert lr(warmup + 50) == pytest.approx(peak / 2, rel=1e-6)
+  assert lr(warmup + 25) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-5)
+  assert lr(total) == pytest.approx(0.0, abs=1e-7)
+  values = np.array([lr(s) for s in range(total + 1)])
+  assert np.all(np.diff(values[:warmup + 1]) > 0)
+  assert np.all(np.diff(values[warmup:]) <= 1e-7)
+  assert values.max() == pytest.approx(peak, rel=1e-6)
+
+
+def test_learning_rate_schedule_jits_with_traced_step():
+  schedule = optim.learning_rate_schedule(_opt_cfg(base_lr=1.0, lr_scaling='none'), 7,
+                                          total_steps=20, warmup_steps=4)
+  values = jax.jit(jax.vmap(schedule))(jnp.arange(21))
+  np.testing.assert_allclose(values[:5], [0, 0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(values[12], 0.5, rtol=1e-6)
+  np.testing.assert_allclose(values[20], 0.0, atol=1e-7)
+
+
+# ----------------------------------------------------------------------- weight-decay mask
+
+def test_decay_mask_on_real_model_params():
+  x = jnp.zeros((2, 8, 8, 1))
+  key = jax.random.key(0, impl='unsafe_rbg')
+  params = {
+      'encoder': jax.eval_shape(ConvNet(widths=(4, 8), convs_per_stage=1).init, key,
+                                x)['params'],
+      'head': jax.eval_shape(ProjectionMLP(hidden_dim=16, output_dim=8, num_layers=2).init,
+                             key, jnp.zeros((2, 8)))['params'],
+  }
+  mask = traverse_util.flatten_dict(optim.decay_mask(params))
+  flat = traverse_util.flatten_dict(params)
+  assert mask.keys() == flat.keys()
+  kinds = {}
+  for path, decayed in mask.items():
+    leaf = path[-1]
+    kinds.setdefault(leaf, set()).add(bool(decayed))
+    assert bool(decayed) == (leaf == 'kernel'), path
+  # Conv kernels (4-D), dense kernels (2-D), a dense bias, BN scales and biases were all seen.
+  assert kinds == {'kernel': {True}, 'bias': {False}, 'scale': {False}}
+  assert any(flat[p].ndim == 4 for p in mask if p[-1] == 'kernel')
+  assert any(flat[p].ndim == 2 for p in mask if p[-1] == 'kernel')
+  assert ('head', 'Dense_1', 'bias') in mask and ('head', 'BatchNorm_0', 'scale') in mask
+
+
+# ------------------------------------------------------------------------------ optimizers
+
+def _toy_params():
+  rng = np.random.default_rng(0)
+  return {
+      'Conv_0': {'kernel': jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+      'Dense_0': {'kernel': jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+                  'bias': jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+      'BatchNorm_0': {'scale': jnp.asarray(rng.uniform(0.5, 1.5, size=(4,)), jnp.float32),
+                      'bias': jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+  }
+
+
+def _grads(seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.1, jnp.float32),
+                      _toy_params())
+
+
+def _is_matrix(path):
+  return path[-1] == 'kernel'
+
+
+def _schedule(step):
+  """A learning rate that changes every step, so that each step's value is checked."""
+  return 0.1 * (step + 1)
+
+
+def _two_steps(cfg):
+  tx = optim.make_optimizer(cfg, _schedule)
+  params0 = _toy_params()
+  g1, g2 = _grads(1), _grads(2)
+  state = tx.init(params0)
+  u1, state = tx.update(g1, state, params0)
+  params1 = optax.apply_updates(params0, u1)
+  u2, state = tx.update(g2, state, params1)
+  as_flat = lambda t: {k: np.asarray(v, np.float64)  # noqa: E731
+                       for k, v in traverse_util.flatten_dict(t).items()}
+  return [as_flat(t) for t in (params0, params1, g1, g2, u1, u2)]
+
+
+def _norm(x):
+  return float(np.sqrt(np.sum(x**2)))
+
+
+def test_lars_closed_form():
+  wd, tc, mu = 1e-2, 0.02, 0.8
+  cfg = _opt_cfg(name='lars', weight_decay=wd, trust_coefficient=tc, momentum=mu)
+  p0, p1, g1, g2, u1, u2 = _two_steps(cfg)
+  lr0, lr1 = _schedule(0), _schedule(1)
+  for path in p0:
+    if _is_matrix(path):
+      def step(w, g):
+        d = g + wd * w
+        return tc * _norm(w) / _norm(d) * d
+      first = -lr0 * step(p0[path], g1[path])
+      second = -lr1 * step(p1[path], g2[path]) + mu * first
+    else:
+      # 1-D parameters: no weight decay and no trust ratio, plain momentum SGD.
+      first = -lr0 * g1[path]
+      second = -lr1 * g2[path] + mu * first
+    np.testing.assert_allclose(u1[path], first, rtol=1e-5, atol=1e-9, err_msg=str(path))
+    np.testing.assert_allclose(u2[path], second, rtol=1e-5, atol=1e-9, err_msg=str(path))
+  # Sensitivity: the trust ratio shrinks kernel steps far below the plain SGD step.
+  kernel = ('Dense_0', 'kernel')
+  assert _norm(u1[kernel]) < 0.5 * lr0 * _norm(g1[kernel])
+
+
+def test_lars_with_zero_gradient_and_no_decay_does_not_move():
+  cfg = _opt_cfg(name='lars', weight_decay=0.0)
+  tx = optim.make_optimizer(cfg, _schedule)
+  params = _toy_params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  for leaf in jax.tree.leaves(updates):
+    assert np.all(np.isfinite(leaf)) and np.all(np.asarray(leaf) == 0)
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_sgd_closed_form(nesterov):
+  wd, mu = 1e-2, 0.8
+  cfg = _opt_cfg(name='sgd', weight_decay=wd, momentum=mu, nesterov=nesterov)
+  p0, p1, g1, g2, u1, u2 = _two_steps(cfg)
+  lr0, lr1 = _schedule(0), _schedule(1)
+  for path in p0:
+    # Coupled weight decay: wd * w is added to the gradient, for kernels only.
+    d1 = g1[path] + (wd * p0[path] if _is_matrix(path) else 0)
+    d2 = g2[path] + (wd * p1[path] if _is_matrix(path) else 0)
+    m1 = d1
+    m2 = d2 + mu * m1
+    if nesterov:
+      first, second = -lr0 * (d1 + mu * m1), -lr1 * (d2 + mu * m2)
+    else:
+      first, second = -lr0 * m1, -lr1 * m2
+    np.testing.assert_allclose(u1[path], first, rtol=1e-5, atol=1e-9, err_msg=str(path))
+    np.testing.assert_allclose(u2[path], second, rtol=1e-5, atol=1e-9, err_msg=str(path))
+
+
+def test_adamw_closed_form():
+  wd, b1, b2, eps = 0.1, 0.8, 0.95, 1e-8
+  cfg = _opt_cfg(name='adamw', weight_decay=wd, b1=b1, b2=b2)
+  p0, p1, g1, g2, u1, u2 = _two_steps(cfg)
+  lr0, lr1 = _schedule(0), _schedule(1)
+  for path in p0:
+    decay = wd if _is_matrix(path) else 0.0
+    m1, v1 = (1 - b1) * g1[path], (1 - b2) * g1[path]**2
+    m2, v2 = b1 * m1 + (1 - b1) * g2[path], b2 * v1 + (1 - b2) * g2[path]**2
+    adam1 = (m1 / (1 - b1)) / (np.sqrt(v1 / (1 - b2)) + eps)
+    adam2 = (m2 / (1 - b1**2)) / (np.sqrt(v2 / (1 - b2**2)) + eps)
+    # Decoupled weight decay, for kernels only.
+    first = -lr0 * (adam1 + decay * p0[path])
+    second = -lr1 * (adam2 + decay * p1[path])
+    np.testing.assert_allclose(u1[path], first, rtol=1e-5, atol=1e-8, err_msg=str(path))
+    np.testing.assert_allclose(u2[path], second, rtol=1e-5, atol=1e-8, err_msg=str(path))
+
+
+def test_adamw_zero_gradient_shrinks_kernels_only():
+  wd, lr = 0.1, 0.5
+  cfg = _opt_cfg(name='adamw', weight_decay=wd)
+  tx = optim.make_optimizer(cfg, optax.constant_schedule(lr))
+  params = _toy_params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  new_params = optax.apply_updates(params, updates)
+  flat_old = traverse_util.flatten_dict(params)
+  flat_new = traverse_util.flatten_dict(new_params)
+  for path, old in flat_old.items():
+    if _is_matrix(path):
+      np.testing.assert_allclose(flat_new[path], old * (1 - lr * wd), rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(flat_new[path], old, err_msg=str(path))
+
+
+@pytest.mark.parametrize('name', ['adam', 'LARS', 'momentum', ''])
+def test_unknown_optimizer_raises_naming_known_ones(name):
+  with pytest.raises(ValueError) as info:
+    optim.make_optimizer(_opt_cfg(name=name), _schedule)
+  message = str(info.value)
+  for known in ('lars', 'sgd', 'adamw'):
+    assert repr(known) in message
+  assert repr(name) in message
+  assert set(optim.OPTIMIZERS) == {'lars', 'sgd', 'adamw'}
