@@ -44,7 +44,8 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransform
   if name == 'lars':
     return optax.lars(schedule, weight_decay=opt_cfg.weight_decay,
                       weight_decay_mask=decay_mask, trust_coefficient=opt_cfg.trust_coefficient,
-                      trust_ratio_mask=decay_mask, momentum=opt_cfg.momentum, eps=0.0)
+                      trust_ratio_mask=decay_mask, momentum=opt_cfg.momentum, eps=0.0,
+                      nesterov=opt_cfg.nesterov)
   if name == 'sgd':
     return optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask),
                        optax.sgd(schedule, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov))

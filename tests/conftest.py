@@ -10,28 +10,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import pytest  # noqa: E402
 
-
-def make_tiny_config():
-  """A config small enough to train a few steps in seconds on CPU."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'simclr_config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'simclr.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config('batch=32')
-  c.model.name = 'convnet'
-  c.model.widths = (4, 8)
-  c.model.convs_per_stage = 1
-  c.method.projector_hidden_dim = 16
-  c.method.projector_output_dim = 8
-  c.augment.crop_size = 12
-  c.total_steps = 4
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 2
-  c.eval.final_bank_size = 500
-  c.eval.final_test_size = 100
-  c.eval.baselines = False
-  return c
+from tiny_config import make_tiny_config  # noqa: E402
 
 
 @pytest.fixture

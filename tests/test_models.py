@@ -338,6 +338,27 @@ def test_sharded_batchnorm_equals_global_batch(name):
     np.testing.assert_allclose(eval_sharded, eval_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('name, conv, bn', [('convnet', 'Conv_0', 'BatchNorm_0'),
+                                             ('resnet18', 'stem_conv', 'stem_bn')])
+def test_running_statistics_update(name, conv, bn):
+  """running = 0.9 * running + 0.1 * batch statistic (biased variance), per channel."""
+  model = SYNC_MODELS[name](None)
+  x = _images((6, 8, 8, 3), seed=2) + 1.0
+  variables = _random_variables(model, x.shape)
+  _, state = _apply(model, variables, x, capture_intermediates=True,
+                    mutable=['intermediates', 'batch_stats'])
+  h = np.asarray(state['intermediates'][conv]['__call__'][0], np.float64)
+  old, new = variables['batch_stats'][bn], state['batch_stats'][bn]
+  np.testing.assert_allclose(new['mean'], 0.9 * old['mean'] + 0.1 * h.mean((0, 1, 2)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new['var'], 0.9 * old['var'] + 0.1 * h.var((0, 1, 2)),
+                             rtol=1e-4, atol=1e-6)
+  # Eval mode leaves the statistics alone.
+  _, eval_state = _apply(model, variables, x, train=False, mutable=['batch_stats'])
+  jax.tree.map(np.testing.assert_array_equal, eval_state['batch_stats'],
+               variables['batch_stats'])
+
+
 # --------------------------------------------------------------------------------- bfloat16
 
 def test_bfloat16_resnet_computes_in_bf16_with_float32_params():
