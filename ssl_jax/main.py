@@ -18,6 +18,15 @@ config_flags.DEFINE_config_file(
     'configs/simclr.py:backbone=resnet18,batch=512; override fields with --config.FIELD=VALUE.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+flags.DEFINE_bool(
+    'multihost', False,
+    'One process of a multi-process run: calls jax.distributed.initialize() first, which '
+    'finds the coordinator, process count and process id itself on SLURM, Open MPI, Cloud '
+    'TPU pods and Kubernetes; elsewhere give --coordinator_address, --num_processes and '
+    '--process_id.')
+flags.DEFINE_string('coordinator_address', None, 'With --multihost: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'With --multihost: the number of processes.')
+flags.DEFINE_integer('process_id', None, 'With --multihost: this process, 0 to num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -42,9 +51,15 @@ def main(argv):
   logging.get_absl_handler().addFilter(_DropChattyLibraries())
   # Imported after flag parsing so that --help stays fast and jax sees the environment.
   import jax
-  from ssl_jax import train
 
   jax.config.parse_flags_with_absl()
+  if FLAGS.multihost:
+    # Before anything touches devices. CPU processes need gloo for their collectives; the
+    # setting does not affect GPU or TPU.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  from ssl_jax import train
   try:
     _, results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except config_lib.ConfigError as e:
