@@ -412,3 +412,9 @@ def test_bfloat16_convnet_and_projection_head():
   assert h16.dtype == jnp.float32
   np.testing.assert_allclose(h16, h32, atol=0.05)  # last_bn: unit-variance outputs
   assert not np.array_equal(np.asarray(h16), np.asarray(h32))
+
+
+def test_convnet_rejects_inputs_too_small_for_its_stages():
+  model = ConvNet(widths=(4, 4, 4, 4, 4, 4))
+  with pytest.raises(ValueError, match='too many for inputs'):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 1)))

@@ -33,8 +33,14 @@ class ConvNet(nn.Module):
                              momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
                              axis_name=self.axis_name if train else None)
     x = x.astype(self.dtype)
+    input_size = x.shape[1:3]
     for i, width in enumerate(self.widths):
       if i > 0:
+        if min(x.shape[1:3]) < 2:
+          raise ValueError(
+              f'ConvNet with {len(self.widths)} stages (model.widths={tuple(self.widths)}) '
+              f'halves its input {len(self.widths) - 1} times: too many for inputs of '
+              f'{input_size}. Use fewer stages or a larger augment.crop_size.')
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for _ in range(self.convs_per_stage):
         x = nn.relu(norm()(conv(width)(x)))
