@@ -8,23 +8,9 @@
 # Uses the repository's .venv when there is one (launch/setup_local.sh creates it).
 set -euo pipefail
 
-if [ $# -lt 2 ]; then
-  echo "usage: $0 CONFIG WORKDIR [extra flags...]" >&2
-  exit 2
-fi
-config=$1 workdir=$2
+. "$(dirname "$0")/common.sh"
 shift 2
-repo=$(cd "$(dirname "$0")/.." && pwd)
 
-# Shell-quotes each argument for display: plain words as they are, others in single quotes.
-quote() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$arg")
-    else out+=("'${arg//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
 
 if [ -f "$repo/.venv/bin/activate" ]; then
   # shellcheck disable=SC1091

@@ -15,13 +15,8 @@
 # command again resumes from WORKDIR's latest checkpoint.
 set -euo pipefail
 
-if [ $# -lt 2 ]; then
-  echo "usage: $0 CONFIG WORKDIR [extra flags...]" >&2
-  exit 2
-fi
-config=$1 workdir=$2
+. "$(dirname "$0")/common.sh"
 shift 2
-repo=$(cd "$(dirname "$0")/.." && pwd)
 case $workdir in /*) ;; *) workdir=$PWD/$workdir ;; esac  # the job may start elsewhere
 
 NODES=${NODES:-2}
@@ -35,16 +30,6 @@ for name in NODES GPUS_PER_NODE; do
   fi
 done
 
-# Shell-quotes each argument for the generated script: plain words as they are, others in
-# single quotes.
-quote() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$arg")
-    else out+=("'${arg//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
 
 # The batch script; its arguments are the extra flags for ssl_jax.main.
 batch_script() {

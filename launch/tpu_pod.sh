@@ -18,13 +18,9 @@
 # file API, so a gs:// URL will not do. Training runs in the foreground of the ssh session.
 set -euo pipefail
 
-if [ $# -lt 2 ]; then
-  echo "usage: TPU_NAME=... ZONE=... $0 CONFIG WORKDIR [extra flags...]" >&2
-  exit 2
-fi
-config=$1 workdir=$2
+USAGE_PREFIX='TPU_NAME=... ZONE=... '
+. "$(dirname "$0")/common.sh"
 shift 2
-repo=$(cd "$(dirname "$0")/.." && pwd)
 
 : "${TPU_NAME:?set TPU_NAME to the name of the TPU VM}"
 : "${ZONE:?set ZONE to the zone of the TPU VM, e.g. us-central2-b}"
@@ -35,15 +31,6 @@ BRANCH=${BRANCH:-$(git -C "$repo" rev-parse --abbrev-ref HEAD 2>/dev/null || ech
 REMOTE_DIR=${REMOTE_DIR:-ssl_jax}
 PYTHON=${PYTHON:-python3.11}
 
-# Shell-quotes each argument: plain words as they are, others in single quotes.
-quote() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$arg")
-    else out+=("'${arg//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
 
 dir=$(quote "$REMOTE_DIR")
 # Clone or fast-forward, set up the venv and data, then jax's TPU runtime (libtpu) at the
