@@ -106,9 +106,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
                                  'optimizer.base_lr or raise warmup_epochs.')
       pending, window_start, window_steps = [], time.monotonic(), 0
     if monitor is not None and step % config.eval_every_steps == 0:
+      eval_start = time.monotonic()
       with report.timed('eval'):
         writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode(state))})
-      window_start = time.monotonic()
+      window_start += time.monotonic() - eval_start  # images/s counts training time only
     if step % config.checkpoint_every_steps == 0 or step == last_step:
       ckpt.save(step, state, iterator)
   ckpt.wait()

@@ -17,6 +17,7 @@ def make_tiny_config():
   c.method.projector_hidden_dim = 16
   c.method.projector_output_dim = 8
   c.augment.crop_size = 12
+  c.eval.image_size = 12
   c.total_steps = 4
   c.log_every_steps = 2
   c.checkpoint_every_steps = 2
