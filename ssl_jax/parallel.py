@@ -46,10 +46,6 @@ def global_batch_from_host(local_batch, mesh: Mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-def axis_size(axis_name: str | None) -> int:
-  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
-
-
 def axis_index(axis_name: str | None):
   return 0 if axis_name is None else jax.lax.axis_index(axis_name)
 

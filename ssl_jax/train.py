@@ -29,6 +29,11 @@ def schedule_steps(config, num_train_examples: int) -> tuple[int, int]:
   return total, warmup
 
 
+def _encoder(method, state):
+  """The frozen encoder of `state` as a function of float images."""
+  return lambda images: method.encode(state.params, state.batch_stats, images)
+
+
 def _sample_images(config, source):
   channels = source[0]['image'].shape[-1]
   size = config.augment.crop_size
@@ -73,7 +78,6 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
                jax.device_count(), config.batch_size, step)
 
   train_step = make_train_step(method, tx, mesh, config.augment, schedule)
-  encode = lambda s: (lambda x: method.encode(s.params, s.batch_stats, x))
   monitor = None
   if config.eval_every_steps:
     monitor = KnnEvaluator.from_config(config, config.eval.periodic_bank_size,
@@ -108,7 +112,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
     if monitor is not None and step % config.eval_every_steps == 0:
       eval_start = time.monotonic()
       with report.timed('eval'):
-        writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode(state))})
+        writer.write_scalars(step, {'knn_top1': monitor.score_encoder(_encoder(method, state))})
       window_start += time.monotonic() - eval_start  # images/s counts training time only
     if step % config.checkpoint_every_steps == 0 or step == last_step:
       ckpt.save(step, state, iterator)
@@ -132,10 +136,8 @@ def final_evaluation(config, method, state, initial_state=None) -> dict:
   """kNN top-1 on the full evaluation split, with the raw-pixel and random-init baselines."""
   evaluator = KnnEvaluator.from_config(config, config.eval.final_bank_size or None,
                                        config.eval.final_test_size or None)
-  results = {'knn_top1': evaluator.score_encoder(
-      lambda x: method.encode(state.params, state.batch_stats, x))}
+  results = {'knn_top1': evaluator.score_encoder(_encoder(method, state))}
   if initial_state is not None:
-    results['knn_top1_random_init'] = evaluator.score_encoder(
-        lambda x: method.encode(initial_state.params, initial_state.batch_stats, x))
+    results['knn_top1_random_init'] = evaluator.score_encoder(_encoder(method, initial_state))
     results['knn_top1_raw_pixels'] = evaluator.score_raw_pixels()
   return results

@@ -8,10 +8,8 @@ the whole step, are the same whatever the number of devices.
 
 from __future__ import annotations
 
-import functools
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 

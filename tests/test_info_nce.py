@@ -1,6 +1,5 @@
 """NT-Xent: hand-computed values, and sharded == single-device for loss and gradients."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """Checkpoints: exact resume, interrupted saves, damaged checkpoints."""
 
 import os
-import shutil
 
 import jax
 import numpy as np

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ssl_jax.losses.info_nce import nt_xent
