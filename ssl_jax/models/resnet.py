@@ -17,6 +17,17 @@ import jax.numpy as jnp
 ModuleDef = Any
 
 
+def _add_shortcut(residual, y, strides, conv, norm):
+  """ReLU(shortcut + y); the shortcut is projected (1x1 conv + BN) where the shapes differ.
+
+  Called from a block's compact `__call__`, so the layers it creates belong to that block.
+  """
+  if residual.shape != y.shape:
+    residual = conv(y.shape[-1], (1, 1), (strides, strides))(residual)
+    residual = norm()(residual)
+  return nn.relu(residual + y)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions; ResNet-18/34."""
   filters: int
@@ -32,10 +43,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3))(y)
     # Zero-init the last BN scale so each block starts as the identity (Goyal et al. 2017).
     y = self.norm(scale_init=nn.initializers.zeros)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides))(residual)
-      residual = self.norm()(residual)
-    return nn.relu(residual + y)
+    return _add_shortcut(residual, y, self.strides, self.conv, self.norm)
 
 
 class Bottleneck(nn.Module):
@@ -53,10 +61,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides))(residual)
-      residual = self.norm()(residual)
-    return nn.relu(residual + y)
+    return _add_shortcut(residual, y, self.strides, self.conv, self.norm)
 
 
 class ResNet(nn.Module):
