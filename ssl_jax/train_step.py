@@ -3,11 +3,10 @@
 The state is replicated and the batch sharded over the mesh's data axis. Augmentation and the
 method's loss run inside `shard_map`, each device on its own rows; an example's augmentation
 key depends only on the step key and its index in the *global* batch, so the views, and hence
-the whole step, are the same whatever the number of devices.
+the whole step, are the same whatever the number of devices (up to float rounding).
 """
 
 from __future__ import annotations
-
 
 import jax
 import optax
@@ -44,12 +43,12 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     target_params = state.target_params
     if hasattr(method, 'target_momentum'):
       momentum = method.target_momentum(state.step)
       target_params = optax.incremental_update(params, target_params, step_size=1.0 - momentum)
       metrics['target_momentum'] = momentum
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if schedule is not None:
       metrics['learning_rate'] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
