@@ -79,6 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.blur_prob = 0.5
   c.augment.blur_sigma = (0.1, 2.0)
   c.augment.solarize_prob = 0.0
+  # Per-view overrides for the global views, e.g. per_view.blur_prob = (1.0, 0.1) (BYOL).
+  c.augment.per_view = ml_collections.ConfigDict()
+  # Multi-crop (SwAV, DINO): extra low-resolution views of small regions.
+  c.augment.num_local_crops = 0
+  c.augment.local_crop_size = 0       # 0 = crop_size * 96 / 224, the papers' ratio
+  c.augment.local_crop_scale = (0.05, 0.4)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'lars'           # 'lars', 'sgd' or 'adamw'
@@ -169,6 +175,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   check(0 < a.crop_ratio[0] <= a.crop_ratio[1], 'augment.crop_ratio must be 0 < min <= max.')
   for name in ('flip_prob', 'jitter_prob', 'grayscale_prob', 'blur_prob', 'solarize_prob'):
     check(0 <= a[name] <= 1, f'augment.{name} must be a probability in [0, 1], got {a[name]}.')
+  check(a.num_local_crops >= 0, 'augment.num_local_crops must be >= 0.')
+  check(0 < a.local_crop_scale[0] <= a.local_crop_scale[1] <= 1,
+        f'augment.local_crop_scale must satisfy 0 < min <= max <= 1, got {a.local_crop_scale}.')
+  if config.method.name in methods.METHODS:
+    method_cls = methods.method_class(config.method.name)
+    if hasattr(method_cls, 'config_problems'):
+      problems.extend(method_cls.config_problems(config))
   e = config.eval
   check(e.knn_k > 0, 'eval.knn_k must be positive.')
   check(e.knn_temperature > 0, 'eval.knn_temperature must be positive.')

@@ -16,16 +16,20 @@ from clu import metric_writers, periodic_actions
 from ssl_jax import checkpoint, config_lib, optim, parallel
 from ssl_jax.data import pipeline, sources
 from ssl_jax.evaluation.monitor import KnnEvaluator
-from ssl_jax.methods import build_method
+from ssl_jax.methods import RunLength, build_method
 from ssl_jax.state import create_train_state
 from ssl_jax.train_step import make_train_step
 
 
+def steps_per_epoch(config, num_train_examples: int) -> int:
+  return max(1, num_train_examples // config.batch_size)
+
+
 def schedule_steps(config, num_train_examples: int) -> tuple[int, int]:
   """(total_steps, warmup_steps) from epochs, unless total_steps is set."""
-  steps_per_epoch = max(1, num_train_examples // config.batch_size)
-  total = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
-  warmup = min(round(config.optimizer.warmup_epochs * steps_per_epoch), total)
+  per_epoch = steps_per_epoch(config, num_train_examples)
+  total = config.total_steps or math.ceil(config.num_epochs * per_epoch)
+  warmup = min(round(config.optimizer.warmup_epochs * per_epoch), total)
   return total, warmup
 
 
@@ -57,7 +61,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, total_steps,
                                           warmup_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  method = build_method(config)
+  method = build_method(config, RunLength(total_steps, steps_per_epoch(config,
+                                                                       len(train_source))))
   iterator = pipeline.make_train_iterator(train_source, global_batch_size=config.batch_size,
                                           seed=config.seed, worker_count=d.worker_count)
 

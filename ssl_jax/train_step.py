@@ -20,15 +20,18 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
                     schedule: optax.Schedule | None = None):
   """Returns `train_step(state, images) -> (state, metrics)`, jitted, donating the state."""
   axis = parallel.DATA_AXIS
+  view_cfgs = augment.view_configs(augment_cfg, method.num_views)
 
-  def device_loss(params, batch_stats, target_params, method_state, images, aug_rng, loss_rng):
+  def device_loss(params, batch_stats, target_params, method_state, images, aug_rng, loss_rng,
+                  step):
     first_row = parallel.global_row_offset(images.shape[0], axis)
-    views = augment.augment_batch(aug_rng, images, augment_cfg, method.num_views, first_row)
-    return method.loss(params, batch_stats, target_params, method_state, views, loss_rng, axis)
+    views = augment.augment_views(aug_rng, images, view_cfgs, first_row)
+    return method.loss(params, batch_stats, target_params, method_state, views, loss_rng, step,
+                       axis)
 
   sharded_loss = jax.shard_map(
       device_loss, mesh=mesh,
-      in_specs=(P(), P(), P(), P(), P(axis), P(), P()),
+      in_specs=(P(), P(), P(), P(), P(axis), P(), P(), P()),
       out_specs=(P(), (P(), P(), P())))
 
   def train_step(state, images):
@@ -37,12 +40,14 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
 
     def loss_fn(params):
       return sharded_loss(params, state.batch_stats, state.target_params, state.method_state,
-                          images, aug_rng, loss_rng)
+                          images, aug_rng, loss_rng, state.step)
 
     (loss, (metrics, batch_stats, method_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if hasattr(method, 'after_update'):
+      params = method.after_update(params)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     target_params = state.target_params
     if hasattr(method, 'target_momentum'):

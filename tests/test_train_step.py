@@ -76,7 +76,7 @@ def test_step_matches_reference_without_shard_map(tiny_config):
   views = augment.augment_batch(aug_rng, jnp.asarray(images), tiny_config.augment, 2)
 
   def ref_loss(params):
-    return method.loss(params, state0.batch_stats, {}, {}, views, loss_rng, None)
+    return method.loss(params, state0.batch_stats, {}, {}, views, loss_rng, 0, None)
 
   (loss, (_, batch_stats, _)), grads = jax.value_and_grad(ref_loss, has_aux=True)(
       state0.params)

@@ -7,7 +7,10 @@ a `jnp.where` / `lax.cond` / `lax.switch`, so the ops run unchanged under `jit` 
 Where the paper defers to torchvision (RandomResizedCrop, ColorJitter, RandomGrayscale,
 GaussianBlur) the semantics follow torchvision's.
 
-`augment_batch` is the trainer's entry point. The key of example `i` in view `v` is
+`view_configs` turns the experiment's `augment` config into one config per view: the global
+views (with optional per-view overrides, e.g. BYOL's asymmetric blur and solarisation) and
+the multi-crop local views (Caron et al. 2020: smaller crops of a smaller area).
+`augment_views` is the trainer's entry point. The key of example `i` in view `v` is
 
     fold_in(fold_in(key, v), start_index + i)
 
@@ -19,6 +22,7 @@ inside a jitted, batch-sharded computation with start_index=0 this holds automat
 from __future__ import annotations
 
 import math
+import types
 from typing import Any, Callable, Sequence
 
 import jax
@@ -393,19 +397,69 @@ def example_keys(key: Array, view: int, batch_size: int, start_index: int | Arra
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(view_key, indices)
 
 
-def augment_batch(key: Array, images_uint8: Array, cfg: Any, num_views: int = 2,
-                  start_index: int | Array = 0) -> list[Array]:
-  """num_views independent SimCLR views of a uint8 batch [B, H, W, C].
+# Fields that a view may override through `augment.per_view.<field> = (view 0, view 1, ...)`.
+PER_VIEW_FIELDS = ('flip_prob', 'jitter_prob', 'grayscale_prob', 'blur_prob', 'solarize_prob',
+                   'brightness', 'contrast', 'saturation', 'hue')
 
-  Returns float32 arrays [B, crop_size, crop_size, C] in [0, 1]. Keys come from
-  `example_keys`, so example i's views depend only on (key, start_index + i, view).
+
+def view_configs(cfg: Any, num_global_views: int) -> list[types.SimpleNamespace]:
+  """Per-view augmentation settings: the global views, then `cfg.num_local_crops` local ones.
+
+  A field listed in `cfg.per_view` holds one value per global view; local crops keep the base
+  value of every field and use `local_crop_size` and `local_crop_scale` for their crop.
+  """
+  base = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+          for k, v in _as_dict(cfg).items() if k != 'per_view'}
+  per_view = _as_dict(getattr(cfg, 'per_view', None) or {})
+  for field, values in per_view.items():
+    if field not in PER_VIEW_FIELDS:
+      raise ValueError(f'augment.per_view.{field} is not a per-view field; '
+                       f'known: {PER_VIEW_FIELDS}.')
+    if len(values) != num_global_views:
+      raise ValueError(f'augment.per_view.{field} has {len(values)} values but the method '
+                       f'uses {num_global_views} global views.')
+  views = []
+  for v in range(num_global_views):
+    views.append(types.SimpleNamespace(**dict(base, **{f: vals[v] for f, vals in
+                                                       per_view.items()})))
+  num_local = base.get('num_local_crops', 0)
+  if num_local:
+    local = dict(base, crop_size=base['local_crop_size'] or round(base['crop_size'] * 96 / 224),
+                 crop_scale=tuple(base['local_crop_scale']))
+    views.extend(types.SimpleNamespace(**local) for _ in range(num_local))
+  return views
+
+
+def _as_dict(cfg: Any) -> dict:
+  if hasattr(cfg, 'to_dict'):
+    return cfg.to_dict()
+  if isinstance(cfg, types.SimpleNamespace):
+    return dict(vars(cfg))
+  return dict(cfg)
+
+
+def augment_views(key: Array, images_uint8: Array, view_cfgs: Sequence[Any],
+                  start_index: int | Array = 0) -> list[Array]:
+  """One augmented view of a uint8 batch [B, H, W, C] per entry of `view_cfgs`.
+
+  Returns float32 arrays [B, s, s, C] in [0, 1], s being each view's crop_size. Keys come
+  from `example_keys`, so example i's views depend only on (key, start_index + i, view).
   """
   images = images_uint8.astype(jnp.float32) / 255.0
-  per_example = jax.vmap(lambda k, x: simclr_view(k, x, cfg))
-  # A Python loop over views: vmapping over views as well compiled ~50% slower on XLA:CPU.
-  return [per_example(_shard_like(example_keys(key, v, images.shape[0], start_index), images),
-                      images)
-          for v in range(num_views)]
+  # A Python loop over views: vmapping over views as well compiled ~50% slower on XLA:CPU,
+  # and multi-crop views differ in size anyway.
+  views = []
+  for v, view_cfg in enumerate(view_cfgs):
+    per_example = jax.vmap(lambda k, x, c=view_cfg: simclr_view(k, x, c))
+    keys = _shard_like(example_keys(key, v, images.shape[0], start_index), images)
+    views.append(per_example(keys, images))
+  return views
+
+
+def augment_batch(key: Array, images_uint8: Array, cfg: Any, num_views: int = 2,
+                  start_index: int | Array = 0) -> list[Array]:
+  """`num_views` global views (plus any local crops `cfg` asks for) of a uint8 batch."""
+  return augment_views(key, images_uint8, view_configs(cfg, num_views), start_index)
 
 
 def _shard_like(keys: Array, images: Array) -> Array:

@@ -1,14 +1,40 @@
-"""Method registry: config.method.name -> the class implementing `base.Method`."""
+"""Method registry: config.method.name -> the class implementing `base.Method`.
 
-from ssl_jax.methods.simclr import SimCLR
+Entries are import paths, loaded on first use, so that a method's module (and its heads)
+is imported only by runs that use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ssl_jax.methods.base import RunLength
 
 METHODS = {
-    'simclr': SimCLR,
+    'simclr': 'ssl_jax.methods.simclr:SimCLR',
+    'moco_v2': 'ssl_jax.methods.moco_v2:MoCoV2',
+    'moco_v3': 'ssl_jax.methods.moco_v3:MoCoV3',
+    'byol': 'ssl_jax.methods.byol:BYOL',
+    'simsiam': 'ssl_jax.methods.simsiam:SimSiam',
+    'swav': 'ssl_jax.methods.swav:SwAV',
+    'dino': 'ssl_jax.methods.dino:DINO',
+    'barlow_twins': 'ssl_jax.methods.barlow_twins:BarlowTwins',
+    'vicreg': 'ssl_jax.methods.vicreg:VICReg',
+    'nnclr': 'ssl_jax.methods.nnclr:NNCLR',
+    'adco': 'ssl_jax.methods.adco:AdCo',
+    'triplet': 'ssl_jax.methods.triplet:Triplet',
 }
 
 
-def build_method(config):
-  name = config.method.name
+def method_class(name: str):
   if name not in METHODS:
     raise ValueError(f'Unknown method.name {name!r}; known: {sorted(METHODS)}.')
-  return METHODS[name](config)
+  module, cls = METHODS[name].split(':')
+  return getattr(importlib.import_module(module), cls)
+
+
+def build_method(config, run_length: RunLength | None = None):
+  """The method of `config`; `run_length` defaults to `config.total_steps` one-step epochs."""
+  if run_length is None:
+    run_length = RunLength(total_steps=max(1, config.total_steps), steps_per_epoch=1)
+  return method_class(config.method.name)(config, run_length)

@@ -28,6 +28,7 @@ class EncoderWithProjector(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class SimCLR:
   config: object  # the whole experiment ConfigDict; this method reads .model and .method
+  run_length: object = None
 
   num_views: int = 2
 
@@ -44,8 +45,8 @@ class SimCLR:
     variables = self.network().init(rng, images, train=False)
     return variables['params'], variables.get('batch_stats', {}), {}
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, axis_name):
-    del target_params, rng  # SimCLR's loss is deterministic given the views.
+  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
+    del target_params, rng, step  # SimCLR's loss is deterministic given the views.
     n = views[0].shape[0]
     # Both views go through the network as one batch, so BatchNorm normalises them with the
     # same statistics (as the reference implementation does).
