@@ -68,7 +68,8 @@ def build_step(config, mesh):
 
 
 def synthetic_batch(config, mesh):
-  """A global uint8 batch of the dataset's stored image shape, sharded as the trainer's."""
+  """A global uint8 batch of the dataset's stored image shape and its int32 labels, sharded
+  as the trainer's."""
   import jax
   import numpy as np
   from ssl_jax import parallel
@@ -80,10 +81,11 @@ def synthetic_batch(config, mesh):
   local_rows = config.batch_size // jax.process_count()
   rng = np.random.default_rng(config.seed)
   local = rng.integers(0, 256, (local_rows, height, width, channels), dtype=np.uint8)
-  return parallel.global_batch_from_host(local, mesh)
+  labels = rng.integers(0, 10, (local_rows,), dtype=np.int32)
+  return parallel.global_batch_from_host((local, labels), mesh)
 
 
-def compile_step(train_step, state, images):
+def compile_step(train_step, state, images, labels):
   """(compiled step, seconds to lower and compile, FLOPs per step over all devices).
 
   Lowering only traces: the donated state is consumed by the first *call*, not here. XLA's
@@ -92,7 +94,7 @@ def compile_step(train_step, state, images):
   import jax
 
   start = time.perf_counter()
-  compiled = train_step.lower(state, images).compile()
+  compiled = train_step.lower(state, images, labels).compile()
   seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
@@ -100,7 +102,7 @@ def compile_step(train_step, state, images):
   return compiled, seconds, float(cost['flops']) * jax.device_count()
 
 
-def time_steps(compiled, state, images, steps: int, warmup_steps: int) -> list[float]:
+def time_steps(compiled, state, images, labels, steps: int, warmup_steps: int) -> list[float]:
   """Seconds per step for `steps` steps after `warmup_steps`. Each call donates its input
   state, so the loop always passes on the state the previous call returned."""
   import jax
@@ -108,7 +110,7 @@ def time_steps(compiled, state, images, steps: int, warmup_steps: int) -> list[f
   times = []
   for i in range(warmup_steps + steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, images)
+    state, metrics = compiled(state, images, labels)
     jax.block_until_ready((state, metrics))
     if i >= warmup_steps:
       times.append(time.perf_counter() - start)
@@ -150,9 +152,9 @@ def measure(config, steps: int, warmup_steps: int, matmul_repeats: int) -> dict:
   config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = parallel.make_mesh()
   train_step, state = build_step(config, mesh)
-  images = synthetic_batch(config, mesh)
-  compiled, compile_s, flops = compile_step(train_step, state, images)
-  times = time_steps(compiled, state, images, steps, warmup_steps)
+  images, labels = synthetic_batch(config, mesh)
+  compiled, compile_s, flops = compile_step(train_step, state, images, labels)
+  times = time_steps(compiled, state, images, labels, steps, warmup_steps)
   median, mean = statistics.median(times), statistics.mean(times)
 
   devices, platform = jax.device_count(), jax.devices()[0].platform

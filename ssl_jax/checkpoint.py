@@ -65,6 +65,31 @@ class Checkpointer:
     logging.info('Restored checkpoint at step %d from %s', step, self.directory)
     return restored['state'], restored['data'], step
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore_state(self, state, step: int | None = None):
+    """The train state of checkpoint `step` (default the latest) in the structure of `state`,
+    without the data iterator: for evaluation and downstream use."""
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f'No checkpoint in {self.directory}: train first (ssl-jax-train '
+                            '--workdir=...), or pass the workdir of a run that saved one.')
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f'No checkpoint at step {step} in {self.directory}; it holds '
+                            f'steps {steps}.')
+    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # orbax raises many types; all mean the same to the user.
+      raise CheckpointError(
+          f'Cannot restore checkpoint step {step} in {self.directory}: {type(e).__name__}: '
+          f'{e}\nIf the config.json beside it was edited, restore it; if the checkpoint is '
+          f'damaged, pick another step (available: {steps}).') from e
+    return restored['state']
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are written."""
     self._manager.wait_until_finished()

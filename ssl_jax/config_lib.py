@@ -3,6 +3,9 @@ fields every experiment has, and validation that names the fix for each problem.
 
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -108,7 +111,48 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.final_bank_size = 0          # 0 = the whole split, for the final evaluation
   c.eval.final_test_size = 0
   c.eval.baselines = True             # also score raw pixels and the random-init encoder
+  # A linear classifier trained during pre-training on the frozen features of the first view
+  # (labels reach only the classifier); costs one inference forward pass per step.
+  c.eval.online_probe = False
+  c.eval.online_probe_lr = 1e-2
+  # Representation diagnostics (alignment, uniformity, spectrum, effective rank, spread) on
+  # this many test images, at every periodic evaluation and at the end; plots in the workdir.
+  c.eval.diagnostics = True
+  c.eval.diagnostics_size = 1000
+  # Collapse alarm: a warning and the metric collapse_alarm=1 when the effective rank or the
+  # spread (normalised std x sqrt(D)) of the frozen features falls below these fractions.
+  # Healthy small encoders here sit at 0.3-0.6 and 0.2-0.5 (post-ReLU features all point into
+  # one orthant, so their spread is below that of a sphere); a collapsed one at 1/D and 0.
+  c.eval.collapse_min_rank_fraction = 0.05
+  c.eval.collapse_min_std_fraction = 0.05
+  c.eval.plots = True
   return c
+
+
+def _tuples(value):
+  """JSON turns tuples into lists; configs (and hashable module fields) use tuples."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def save_json(config: ml_collections.ConfigDict, path: str) -> None:
+  """Writes the config where `load_json` (evaluation, `ssl_jax.pretrained`) finds it."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+  os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def load_json(path: str) -> ml_collections.ConfigDict:
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} does not exist: this is not a workdir written by ssl_jax training (it saves '
+        'its config there at start). Pass the --workdir given to ssl-jax-train.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
 def flatten(config, prefix: str = '') -> dict:
@@ -186,5 +230,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   check(e.knn_k > 0, 'eval.knn_k must be positive.')
   check(e.knn_temperature > 0, 'eval.knn_temperature must be positive.')
   check(e.batch_size > 0, 'eval.batch_size must be positive.')
+  check(e.diagnostics_size > 1, 'eval.diagnostics_size must be at least 2 images.')
+  for name in ('collapse_min_rank_fraction', 'collapse_min_std_fraction'):
+    check(0 <= e[name] < 1, f'eval.{name} must be in [0, 1) (0 disables that alarm).')
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

@@ -61,6 +61,24 @@ def gather_rows(x: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
   return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
 
 
+def gather_rows_replicated(x: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
+  """Every device's rows of `x` in device order, typed as replicated across `axis_name`.
+
+  `gather_rows` (all_gather) gives the same values, but shard_map types its result
+  as device-varying, so it cannot become state returned with out_specs P(). A psum is
+  replicated by construction; each device contributes its rows at its offset and zeros
+  elsewhere, and adding zeros is exact, so the result is bit-identical to the gather.
+  """
+  if axis_name is None:
+    return x
+  n = x.shape[0]
+  total = psum(n, axis_name)
+  padded = jnp.zeros((total,) + x.shape[1:], x.dtype)
+  padded = jax.lax.dynamic_update_slice_in_dim(
+      padded, x, global_row_offset(n, axis_name), axis=0)
+  return psum(padded, axis_name)
+
+
 def global_row_offset(local_rows: int, axis_name: str | None):
   """Index, in the gathered array, of this device's first row."""
   return axis_index(axis_name) * local_rows

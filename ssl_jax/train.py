@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +17,14 @@ from clu import metric_writers, periodic_actions
 
 from ssl_jax import checkpoint, config_lib, optim, parallel
 from ssl_jax.data import pipeline, sources
-from ssl_jax.evaluation.monitor import KnnEvaluator
+from ssl_jax.evaluation.history import DiagnosticsHistory
+from ssl_jax.evaluation.monitor import DiagnosticsMonitor, KnnEvaluator
+from ssl_jax.evaluation.online_probe import OnlineProbe
 from ssl_jax.methods import RunLength, build_method
 from ssl_jax.state import create_train_state
 from ssl_jax.train_step import make_train_step
+
+CONFIG_FILE = 'config.json'  # the run's config, written into the workdir
 
 
 def steps_per_epoch(config, num_train_examples: int) -> int:
@@ -44,16 +50,24 @@ def _sample_images(config, source):
   return jnp.zeros((2, size, size, channels), jnp.float32)
 
 
-def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run is built from; `train_and_evaluate` and `pretrained` share it, so a workdir is
+  restored into exactly the structure that was trained."""
+  mesh: Any
+  train_source: Any
+  total_steps: int
+  warmup_steps: int
+  schedule: Any
+  tx: Any
+  method: Any
+  probe: Any
+  init_fn: Callable  # PRNG key -> TrainState, replicated over the mesh
 
-  `stop_at_step` ends the run early (after checkpointing) as a pre-emption would; the
-  schedule still spans the full run. Returns (final train state, results dict); the results
-  hold the final evaluation when the run reached its last step.
-  """
+
+def build(config, mesh=None) -> Setup:
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh()
+  mesh = mesh or parallel.make_mesh()
   d = config.data
   train_source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir,
                                     download=d.download)
@@ -63,13 +77,33 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   tx = optim.make_optimizer(config.optimizer, schedule)
   method = build_method(config, RunLength(total_steps, steps_per_epoch(config,
                                                                        len(train_source))))
-  iterator = pipeline.make_train_iterator(train_source, global_batch_size=config.batch_size,
-                                          seed=config.seed, worker_count=d.worker_count)
-
+  probe = None
+  if config.eval.online_probe:
+    num_classes = sources.source_info(d.name, d.data_dir).num_classes
+    probe = OnlineProbe(num_classes, config.eval.online_probe_lr)
   sample = _sample_images(config, train_source)
-  init_fn = jax.jit(lambda rng: create_train_state(method, tx, rng, sample),
+  init_fn = jax.jit(lambda rng: create_train_state(method, tx, rng, sample, probe),
                     out_shardings=parallel.replicated(mesh))
-  state = init_fn(jax.random.PRNGKey(config.seed))
+  return Setup(mesh, train_source, total_steps, warmup_steps, schedule, tx, method, probe,
+               init_fn)
+
+
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  `stop_at_step` ends the run early (after checkpointing) as a pre-emption would; the
+  schedule still spans the full run. Returns (final train state, results dict); the results
+  hold the final evaluation when the run reached its last step.
+  """
+  setup = build(config)
+  mesh, method, total_steps = setup.mesh, setup.method, setup.total_steps
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    config_lib.save_json(config, os.path.join(workdir, CONFIG_FILE))
+  iterator = pipeline.make_train_iterator(setup.train_source,
+                                          global_batch_size=config.batch_size,
+                                          seed=config.seed, worker_count=config.data.worker_count)
+  state = setup.init_fn(jax.random.PRNGKey(config.seed))
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   state, iterator, restored_step = ckpt.restore_or_keep(state, iterator)
@@ -79,14 +113,18 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   if restored_step is None:
     writer.write_hparams(config_lib.flatten(config))
   logging.info('Training %s for %d steps (%d warm-up) on %d devices, global batch %d; '
-               'starting at step %d.', config.method.name, total_steps, warmup_steps,
+               'starting at step %d.', config.method.name, total_steps, setup.warmup_steps,
                jax.device_count(), config.batch_size, step)
 
-  train_step = make_train_step(method, tx, mesh, config.augment, schedule)
+  train_step = make_train_step(method, setup.tx, mesh, config.augment, setup.schedule,
+                               setup.probe)
   monitor = None
   if config.eval_every_steps:
     monitor = KnnEvaluator.from_config(config, config.eval.periodic_bank_size,
                                        config.eval.periodic_test_size)
+  observer = None
+  if config.eval.diagnostics:
+    observer = RepresentationObserver(config, workdir, writer, resume_step=step)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   last_step = min(total_steps, stop_at_step or total_steps)
@@ -95,8 +133,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   window_steps = 0
   while step < last_step:
     batch = next(iterator)
-    images = parallel.global_batch_from_host(batch['image'], mesh)
-    state, metrics = train_step(state, images)
+    images, labels = parallel.global_batch_from_host((batch['image'], batch['label']), mesh)
+    state, metrics = train_step(state, images, labels)
     pending.append(metrics)
     step += 1
     window_steps += 1
@@ -118,6 +156,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
       eval_start = time.monotonic()
       with report.timed('eval'):
         writer.write_scalars(step, {'knn_top1': monitor.score_encoder(_encoder(method, state))})
+        if observer is not None:
+          observer(step, _encoder(method, state))
       window_start += time.monotonic() - eval_start  # images/s counts training time only
     if step % config.checkpoint_every_steps == 0 or step == last_step:
       ckpt.save(step, state, iterator)
@@ -127,14 +167,54 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   results = {'step': step}
   if step == total_steps:
     # The random-init baseline is re-created rather than kept: the step donates its input.
-    initial = init_fn(jax.random.PRNGKey(config.seed)) if config.eval.baselines else None
+    initial = setup.init_fn(jax.random.PRNGKey(config.seed)) if config.eval.baselines else None
     results.update(final_evaluation(config, method, state, initial))
-    writer.write_scalars(step, {f'final/{k}': v for k, v in results.items() if k != 'step'})
+    if observer is not None:
+      results.update(observer(step, _encoder(method, state), final=True))
+    # The observer wrote its diagnostics/ scalars already.
+    writer.write_scalars(step, {f'final/{k}': v for k, v in results.items()
+                                if k != 'step' and not k.startswith('diagnostics/')})
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
   writer.flush()
   return state, results
+
+
+class RepresentationObserver:
+  """Measures the representation diagnostics, raises the collapse alarm, logs the scalars and
+  keeps the history and its plots in the workdir (process 0 writes files)."""
+
+  def __init__(self, config, workdir: str, writer, resume_step: int):
+    self.monitor = DiagnosticsMonitor.from_config(config)
+    self.writer = writer
+    self.plots = config.eval.plots
+    self.chief = jax.process_index() == 0
+    self.history = DiagnosticsHistory(workdir, resume_step) if self.chief else None
+    self.class_names = sources.class_names(config.data.name, config.data.data_dir)
+
+  def __call__(self, step: int, encode_fn, final: bool = False) -> dict:
+    measurement, clean_features = self.monitor.measure(encode_fn)
+    warnings = measurement.pop('collapse_warnings')
+    for message in warnings:
+      logging.warning('Step %d: possible collapse: %s', step, message)
+    scalars = {f'diagnostics/{k}': v for k, v in measurement.items() if k != 'spectrum'}
+    scalars['diagnostics/collapse_alarm'] = float(bool(warnings))
+    self.writer.write_scalars(step, scalars)
+    if not self.chief:
+      return scalars
+    self.history.append(step, dict(measurement, collapse_warnings=warnings))
+    if self.plots:
+      from ssl_jax.evaluation import plots
+      figures = self.history.figures()
+      if final:
+        figures['embedding'] = plots.embedding_figure(clean_features, self.monitor.labels,
+                                                      self.class_names)
+      os.makedirs(self.history.plots_dir, exist_ok=True)
+      for name, figure in figures.items():
+        self.writer.write_images(step, {f'plots/{name}': plots.figure_to_array(figure)[None]})
+        plots.save_figure(figure, os.path.join(self.history.plots_dir, f'{name}.png'))
+    return scalars
 
 
 def final_evaluation(config, method, state, initial_state=None) -> dict:

@@ -9,6 +9,7 @@ the whole step, are the same whatever the number of devices (up to float roundin
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -17,38 +18,50 @@ from ssl_jax.data import augment
 
 
 def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
-                    schedule: optax.Schedule | None = None):
-  """Returns `train_step(state, images) -> (state, metrics)`, jitted, donating the state."""
+                    schedule: optax.Schedule | None = None, probe=None):
+  """Returns `train_step(state, images, labels=None) -> (state, metrics)`, jitted, donating
+  the state. With an `OnlineProbe`, the labels train it on the encoder's frozen features."""
   axis = parallel.DATA_AXIS
   view_cfgs = augment.view_configs(augment_cfg, method.num_views)
 
-  def device_loss(params, batch_stats, target_params, method_state, images, aug_rng, loss_rng,
-                  step):
+  def device_loss(params, probe_params, batch_stats, target_params, method_state, images,
+                  labels, aug_rng, loss_rng, step):
     first_row = parallel.global_row_offset(images.shape[0], axis)
     views = augment.augment_views(aug_rng, images, view_cfgs, first_row)
-    return method.loss(params, batch_stats, target_params, method_state, views, loss_rng, step,
-                       axis)
+    loss, (metrics, new_stats, new_state) = method.loss(
+        params, batch_stats, target_params, method_state, views, loss_rng, step, axis)
+    metrics = dict(metrics, loss=loss)
+    if probe is None:
+      return loss, (metrics, new_stats, new_state)
+    # Inference-mode features of the first view: what the frozen encoder will give.
+    features = method.encode(params, batch_stats, views[0])
+    probe_loss, probe_acc = probe.loss(probe_params, features, labels, axis)
+    metrics.update(online_probe_loss=jax.lax.stop_gradient(probe_loss),
+                   online_probe_acc=probe_acc)
+    # One backward pass for both: the probe's features are stop-gradient'ed, so the sum's
+    # gradient is the method's for the encoder and the probe's for the classifier.
+    return loss + probe_loss, (metrics, new_stats, new_state)
 
   sharded_loss = jax.shard_map(
       device_loss, mesh=mesh,
-      in_specs=(P(), P(), P(), P(), P(axis), P(), P(), P()),
+      in_specs=(P(), P(), P(), P(), P(), P(axis), P(axis), P(), P(), P()),
       out_specs=(P(), (P(), P(), P())))
 
-  def train_step(state, images):
+  def train_step(state, images, labels):
     step_rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, loss_rng = jax.random.split(step_rng)
 
-    def loss_fn(params):
-      return sharded_loss(params, state.batch_stats, state.target_params, state.method_state,
-                          images, aug_rng, loss_rng, state.step)
+    def loss_fn(params, probe_params):
+      return sharded_loss(params, probe_params, state.batch_stats, state.target_params,
+                          state.method_state, images, labels, aug_rng, loss_rng, state.step)
 
-    (loss, (metrics, batch_stats, method_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (_, (metrics, batch_stats, method_state)), (grads, probe_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.probe_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if hasattr(method, 'after_update'):
       params = method.after_update(params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     target_params = state.target_params
     if hasattr(method, 'target_momentum'):
       momentum = method.target_momentum(state.step)
@@ -56,11 +69,30 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
       metrics['target_momentum'] = momentum
     if schedule is not None:
       metrics['learning_rate'] = schedule(state.step)
+    probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
+    if probe is not None:
+      probe_updates, probe_opt_state = probe.tx.update(probe_grads, probe_opt_state,
+                                                       probe_params)
+      probe_params = optax.apply_updates(probe_params, probe_updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, target_params=target_params,
-                              method_state=method_state)
+                              method_state=method_state, probe_params=probe_params,
+                              probe_opt_state=probe_opt_state)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0,
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  compiled = jax.jit(train_step, donate_argnums=0, in_shardings=(replicated, sharded, sharded),
+                     out_shardings=(replicated, replicated))
+
+  def with_labels(images, labels):
+    if labels is None:  # without a probe the labels are not read
+      labels = jnp.zeros(images.shape[:1], jnp.int32, device=sharded)
+    return labels
+
+  def step_fn(state, images, labels=None):
+    return compiled(state, images, with_labels(images, labels))
+
+  # For ahead-of-time compilation and cost analysis (benchmarks).
+  step_fn.lower = lambda state, images, labels=None: compiled.lower(
+      state, images, with_labels(images, labels))
+  return step_fn

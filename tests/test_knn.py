@@ -1,9 +1,11 @@
-"""Weighted kNN against scikit-learn's brute-force cosine neighbours with the same vote."""
+"""Weighted kNN against scikit-learn's brute-force cosine neighbours with the same vote, on one
+device and with the memory bank sharded over eight."""
 
 import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
+from ssl_jax import parallel
 from ssl_jax.evaluation import features, knn
 
 
@@ -55,3 +57,54 @@ def test_extract_features_batches_and_pads():
   resized = features.extract_features(lambda x: x.reshape(len(x), -1), images, batch_size=4,
                                       image_size=4)
   assert resized.shape == (10, 16)
+
+
+def _gaussian_classes(seed, bank_size, test_size, dim=16, num_classes=4):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(num_classes, dim))
+  bank_labels = rng.integers(0, num_classes, bank_size)
+  test_labels = rng.integers(0, num_classes, test_size)
+  bank = centres[bank_labels] + rng.normal(size=(bank_size, dim))
+  test = centres[test_labels] + rng.normal(size=(test_size, dim))
+  return bank, bank_labels, test, test_labels
+
+
+# 300 rows over 8 devices: padded to 304, shards of 38. k=50 exceeds a shard, so the global
+# top-k must be assembled from several devices' candidates.
+@pytest.mark.parametrize('k,chunk', [(1, 64), (10, 33), (50, 128)])
+def test_sharded_bank_equals_one_device_and_sklearn(k, chunk):
+  bank, bank_labels, test, test_labels = _gaussian_classes(100 + k, 300, 101)
+  reference = _sklearn_weighted_knn(bank, bank_labels, test, k, 0.1, 4)
+  predictions = {
+      devices: knn.knn_predict(bank, bank_labels, test, k=k, temperature=0.1, num_classes=4,
+                               chunk_size=chunk, mesh=parallel.make_mesh(devices))
+      for devices in (1, 8)}
+  predictions[None] = knn.knn_predict(bank, bank_labels, test, k=k, temperature=0.1,
+                                      num_classes=4, chunk_size=chunk)
+  for pred in predictions.values():
+    np.testing.assert_array_equal(pred, reference)
+  assert 0.4 < np.mean(reference == test_labels) < 1.0
+
+
+def test_padding_rows_are_never_neighbours():
+  # Every real bank row is anti-aligned with the query (cosine < 0), so the all-zero padding
+  # rows (cosine 0, label 0) would outrank them all if they were not masked out.
+  bank = -np.abs(np.random.default_rng(0).normal(size=(5, 3))) - 0.1
+  labels = np.array([1, 2, 1, 1, 2])
+  query = np.ones((1, 3))
+  mesh = parallel.make_mesh(8)  # 5 rows over 8 devices: three shards hold only padding
+  for k in (1, 3, 5, 200):
+    expected = _sklearn_weighted_knn(bank, labels, query, min(k, 5), 0.07, 3)
+    got = knn.knn_predict(bank, labels, query, k=k, temperature=0.07, num_classes=3, mesh=mesh)
+    np.testing.assert_array_equal(got, expected)
+    assert got[0] != 0
+
+
+def test_small_temperature_does_not_overflow():
+  # exp(1 / 0.005) = exp(200) overflows float32; the vote must still follow the closest rows.
+  bank = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.9]])
+  labels = np.array([0, 0, 1, 1, 1])
+  test = np.array([[1.0, 0.05], [0.05, 1.0]])
+  for mesh in (None, parallel.make_mesh(8)):
+    np.testing.assert_array_equal(
+        knn.knn_predict(bank, labels, test, k=5, temperature=0.005, mesh=mesh), [0, 1])

@@ -33,7 +33,7 @@ import numpy as np
 __all__ = [
     'ArraySource', 'FASHION_MNIST_CLASSES', 'IdxFormatError', 'KNOWN_SOURCES', 'SourceInfo',
     'TfdsSource', 'fashion_mnist', 'fashion_mnist_search_dirs', 'get_source', 'read_idx',
-    'source_info', 'tfds_source',
+    'class_names', 'source_info', 'tfds_source',
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -513,3 +513,19 @@ def source_info(name: str, data_dir: os.PathLike | str | None = None, *,
   if name not in _STATIC_INFO:
     raise _unknown(name)
   return _STATIC_INFO[name]
+
+
+def class_names(name: str, data_dir: os.PathLike | str | None = None,
+                label_key: str = 'label') -> tuple[str, ...] | None:
+  """Human-readable class names (for plot legends), or None when the source has none."""
+  if name == 'fashion_mnist':
+    return FASHION_MNIST_CLASSES
+  if name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+      builder = tfds.builder(name[len(TFDS_PREFIX):], data_dir=data_dir)
+      return tuple(builder.info.features[label_key].names)
+    except Exception:  # pylint: disable=broad-except
+      return None  # legends fall back to class indices
+  return None

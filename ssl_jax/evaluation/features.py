@@ -8,15 +8,18 @@ import jax
 
 def extract_features(encode_fn, images_uint8: np.ndarray, batch_size: int = 1024,
                      image_size: int | None = None) -> np.ndarray:
-  """Applies `encode_fn(float_images) -> [B, D]` over uint8 images [N, H, W, C] in batches.
+  """Applies `encode_fn(float_images) -> [B, D]` over uint8 images [N, H, W, C] in batches
+  (float images are taken to be in [0, 1] already, e.g. augmented views).
 
   `image_size` resizes the images first (bilinear, antialiased), for encoders trained on
   crops of another resolution. The last batch is padded so that one compiled shape serves
   every batch.
   """
 
+  is_uint8 = images_uint8.dtype == np.uint8
+
   def encode(x):
-    x = x.astype(np.float32) / 255.0
+    x = x.astype(np.float32) / 255.0 if is_uint8 else x.astype(np.float32)
     if image_size and image_size != x.shape[1]:
       x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), 'bilinear')
     return encode_fn(x)

@@ -1,0 +1,166 @@
+"""Evaluation of a trained workdir: python -m ssl_jax.evaluate --workdir=DIR.
+
+    python -m ssl_jax.evaluate --workdir=workdirs/simclr --evals=knn,linear,lowlabel,diagnostics
+
+Scores the frozen encoder of the latest (or --step) checkpoint, next to the same networks at
+random initialisation and to raw pixels, prints a table and writes it as JSON (and a 2-D
+embedding plot of the test features) under DIR/evaluation/. Every evaluation reads features
+extracted once per encoder:
+
+  knn          weighted kNN top-1 (k, temperature from the run's config), bank = training split
+  linear       linear probe top-1 (L2 strength chosen on a validation split of the training set)
+  lowlabel     linear probe trained on 1% and 10% of the training labels (fixed seeded subsets)
+  diagnostics  effective rank (RankMe), spread, alignment and uniformity of the features
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+EVALS = ('knn', 'linear', 'lowlabel', 'diagnostics')
+flags.DEFINE_string('workdir', None, 'Workdir of a training run (holds config.json and '
+                    'checkpoints/).')
+flags.DEFINE_list('evals', list(EVALS), f'Evaluations to run, from {EVALS}.')
+flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate; default the latest.')
+flags.DEFINE_integer('bank_size', 0, 'Use the first N training examples (0 = all).')
+flags.DEFINE_integer('test_size', 0, 'Use the first N test examples (0 = all).')
+flags.DEFINE_bool('baselines', True, 'Also score the random-init encoder and raw pixels.')
+flags.DEFINE_enum('embedding', 'pca', ['pca', 'tsne', 'none'],
+                  'The 2-D embedding plot of the trained encoder\'s test features.')
+flags.DEFINE_integer('seed', 0, 'Seed of the low-label subsets and validation splits.')
+
+# Table columns: (result key, header).
+_COLUMNS = (('knn_top1', 'kNN'), ('linear_top1', 'linear'), ('lowlabel_1%', '1% labels'),
+            ('lowlabel_10%', '10% labels'), ('effective_rank', 'eff. rank'),
+            ('std_fraction', 'spread'), ('alignment', 'align'), ('uniformity', 'uniform'))
+
+
+def evaluate_features(train, test, evals, *, knn_k=200, knn_temperature=0.07, seed=0,
+                      num_classes=None, diagnostics_fn=None) -> dict:
+  """The chosen evaluations of one encoder, given its features: `train` and `test` are
+  (features, labels) pairs. `diagnostics_fn()` returns the diagnostics dict."""
+  from ssl_jax.evaluation import knn, linear, lowlabel
+
+  (x_train, y_train), (x_test, y_test) = train, test
+  row = {}
+  if 'knn' in evals:
+    row['knn_top1'] = knn.knn_accuracy(x_train, y_train, x_test, y_test, k=knn_k,
+                                       temperature=knn_temperature, num_classes=num_classes)
+  if 'linear' in evals:
+    result = linear.linear_probe(x_train, y_train, x_test, y_test, seed=seed,
+                                 num_classes=num_classes)
+    row['linear_top1'], row['linear_l2'] = result['test_accuracy'], result['l2']
+  if 'lowlabel' in evals:
+    for name, result in lowlabel.low_label_probe(x_train, y_train, x_test, y_test, seed=seed,
+                                                 num_classes=num_classes).items():
+      row[f'lowlabel_{name}'] = result['test_accuracy']
+      row[f'lowlabel_{name}_num_labels'] = result['num_labels']
+  if 'diagnostics' in evals and diagnostics_fn is not None:
+    measured = diagnostics_fn()
+    row.update({k: v for k, v in measured.items() if k not in ('spectrum', 'collapse_warnings')})
+    row['collapse_warnings'] = measured.get('collapse_warnings', [])
+  return row
+
+
+def format_table(rows: dict) -> str:
+  """rows: {encoder name: results}; columns only for results some row has."""
+  columns = [(key, head) for key, head in _COLUMNS if any(key in r for r in rows.values())]
+  name_width = max(len(n) for n in rows) + 2
+  lines = [''.ljust(name_width) + ''.join(f'{head:>12}' for _, head in columns)]
+  for name, row in rows.items():
+    cells = ''.join(f'{row[key]:>12.4f}' if key in row else f'{"-":>12}'
+                    for key, _ in columns)
+    lines.append(name.ljust(name_width) + cells)
+  return '\n'.join(lines)
+
+
+def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_size: int = 0,
+                     test_size: int = 0, baselines: bool = True, embedding: str = 'pca',
+                     seed: int = 0) -> dict:
+  """Runs the evaluations; returns {'step', 'rows': {encoder: results}} and writes it to
+  workdir/evaluation/step_<step>.json (and the embedding plot beside it)."""
+  import numpy as np
+
+  from ssl_jax import pretrained
+  from ssl_jax.data import pipeline, sources
+  from ssl_jax.evaluation import features
+  from ssl_jax.evaluation.monitor import DiagnosticsMonitor
+
+  unknown = sorted(set(evals) - set(EVALS))
+  if unknown:
+    raise ValueError(f'Unknown --evals {unknown}; choose from {EVALS}.')
+  model = pretrained.load(workdir, step)
+  config = model.config
+  d, e = config.data, config.eval
+  bank = sources.get_source(d.name, d.eval_train_split, data_dir=d.data_dir,
+                            download=d.download)
+  test = sources.get_source(d.name, d.eval_split, data_dir=d.data_dir, download=d.download)
+  train_images, train_labels = pipeline.make_eval_arrays(bank, bank_size or None)
+  test_images, test_labels = pipeline.make_eval_arrays(test, test_size or None)
+  num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
+  monitor = DiagnosticsMonitor.from_config(config)
+
+  def encoder(state):
+    return lambda x: model.method.encode(state.params, state.batch_stats, x)
+
+  def raw_pixels(x):
+    return x.reshape(x.shape[0], -1)
+
+  encoders = {'trained encoder': encoder(model.state)}
+  if baselines:
+    encoders['random-init encoder'] = encoder(model.initial_state())
+    encoders['raw pixels'] = raw_pixels
+
+  rows, trained_test_features = {}, None
+  for name, encode_fn in encoders.items():
+    logging.info('Evaluating %s...', name)
+    size = None if encode_fn is raw_pixels else (e.image_size or None)
+    extract = lambda images: features.extract_features(encode_fn, images, e.batch_size, size)
+    x_train, x_test = extract(train_images), extract(test_images)
+    if trained_test_features is None:
+      trained_test_features = x_test
+    rows[name] = evaluate_features(
+        (x_train, train_labels), (x_test, test_labels), evals, knn_k=e.knn_k,
+        knn_temperature=e.knn_temperature, seed=seed, num_classes=num_classes,
+        diagnostics_fn=lambda: monitor.measure(encode_fn)[0])
+
+  out_dir = os.path.join(workdir, 'evaluation')
+  os.makedirs(out_dir, exist_ok=True)
+  result = {'step': model.step, 'num_train': len(train_labels), 'num_test': len(test_labels),
+            'rows': rows}
+  with open(os.path.join(out_dir, f'step_{model.step}.json'), 'w') as f:
+    json.dump(result, f, indent=2, default=lambda v: np.asarray(v).tolist())
+  if embedding != 'none':
+    from ssl_jax.evaluation import plots
+    shown = min(len(test_labels), 5000)  # enough to see the clusters, fast to draw
+    figure = plots.embedding_figure(trained_test_features[:shown], test_labels[:shown],
+                                    sources.class_names(d.name, d.data_dir), method=embedding,
+                                    seed=seed)
+    plots.save_figure(figure, os.path.join(out_dir, f'embedding_step_{model.step}.png'))
+  return result
+
+
+def main(argv):
+  del argv
+  result = evaluate_workdir(FLAGS.workdir, FLAGS.evals, FLAGS.step, FLAGS.bank_size,
+                            FLAGS.test_size, FLAGS.baselines, FLAGS.embedding, FLAGS.seed)
+  print(f'Step {result["step"]}: {result["num_train"]} training / {result["num_test"]} test '
+        'examples')
+  print(format_table(result['rows']), flush=True)
+  for name, row in result['rows'].items():
+    for message in row.get('collapse_warnings', []):
+      print(f'WARNING ({name}): {message}')
+
+
+def run():
+  """Console-script entry point (`ssl-jax-evaluate`)."""
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
