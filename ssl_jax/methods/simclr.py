@@ -1,5 +1,11 @@
 """SimCLR (Chen et al. 2020): an encoder and a projection MLP trained with NT-Xent between
-two augmented views of each image, with negatives from the whole global batch."""
+two augmented views of each image, with negatives from the whole global batch.
+
+`method.negatives` chooses the estimator of the negative term: 'uniform' (NT-Xent, the
+default when the field is absent), 'debiased' (Chuang et al. 2020, with `method.tau_plus`)
+or 'hard' (Robinson et al. 2021, with `method.tau_plus` and `method.beta`); see
+`losses/negatives.py`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ssl_jax.losses.info_nce import nt_xent
+from ssl_jax.losses.negatives import debiased_nt_xent
 from ssl_jax.models import DTYPES, build_encoder
 from ssl_jax.models.heads import ProjectionMLP
+
+NEGATIVES = ('uniform', 'debiased', 'hard')
 
 
 class EncoderWithProjector(nn.Module):
@@ -31,6 +40,28 @@ class SimCLR:
   run_length: object = None
 
   num_views: int = 2
+
+  @classmethod
+  def config_problems(cls, config) -> list[str]:
+    m = config.method
+    negatives = m.get('negatives', 'uniform')
+    if negatives not in NEGATIVES:
+      return [f'method.negatives={negatives!r} is unknown; use one of {NEGATIVES}.']
+    problems = []
+    if negatives != 'uniform' and not 0 <= m.get('tau_plus', -1.0) < 1:
+      problems.append(f'method.negatives={negatives!r} needs method.tau_plus in [0, 1), the '
+                      'probability that a negative shares the query\'s class (0.1 in the '
+                      f'papers); got {m.get("tau_plus")}.')
+    if negatives == 'hard' and not m.get('beta', -1.0) >= 0:
+      problems.append("method.negatives='hard' needs method.beta >= 0, the concentration on "
+                      'hard negatives (2 x temperature, as Robinson et al. 2021\'s 1.0 at '
+                      f'temperature 0.5); got {m.get("beta")}.')
+    # The debiased loss has no reweighting: a beta set there would be silently ignored.
+    if negatives == 'debiased' and m.get('beta', 0.0) != 0:
+      problems.append(f"method.negatives='debiased' does not reweight negatives, so "
+                      f"method.beta={m.beta} would be ignored: set method.negatives='hard' "
+                      'to use it, or method.beta=0.')
+    return problems
 
   def network(self, axis_name: str | None = None) -> EncoderWithProjector:
     m = self.config.method
@@ -53,8 +84,17 @@ class SimCLR:
     (_, z), updates = self.network(axis_name).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views, axis=0),
         train=True, mutable=['batch_stats'])
-    loss, metrics = nt_xent(z[:n], z[n:], self.config.method.temperature, axis_name)
+    loss, metrics = self.contrastive_loss(z[:n], z[n:], axis_name)
     return loss, (metrics, updates['batch_stats'], method_state)
+
+  def contrastive_loss(self, z1, z2, axis_name):
+    m = self.config.method
+    negatives = m.get('negatives', 'uniform')
+    if negatives == 'uniform':
+      return nt_xent(z1, z2, m.temperature, axis_name)
+    # 'debiased' is the hard-negative estimator without reweighting (beta = 0).
+    beta = m.beta if negatives == 'hard' else 0.0
+    return debiased_nt_xent(z1, z2, m.temperature, m.tau_plus, beta, axis_name)
 
   def encode(self, params, batch_stats, images):
     return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,

@@ -1,0 +1,78 @@
+"""SimSiam (Chen & He 2021).
+
+  ssl-jax-train --config=configs/simsiam.py --workdir=workdirs/simsiam
+  ssl-jax-train --config=configs/simsiam.py:backbone=resnet50,dataset=tfds:imagenet2012 ...
+
+Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch (0 picks the recipe's),
+epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name>), crop (training crop
+side; 0 picks one for the dataset).
+
+With a ResNet backbone the defaults are the paper's ImageNet recipe (Sec. 3, App. A): batch
+512, 100 epochs, SGD with momentum 0.9, lr 0.05 x B/256 on a cosine schedule without
+warm-up, weight decay 1e-4; a 3-layer projector (2048 wide, BN on every layer including the
+output), a bottleneck predictor 2048 -> 512 -> 2048, and MoCo v2's augmentation (crop scale
+(0.2, 1), colour jitter (0.4, 0.4, 0.4, 0.1), blur p = 0.5). The paper keeps the predictor's
+lr constant; this trainer decays it with the rest (see ssl_jax/methods/simsiam.py).
+`--config.method.stop_gradient=False` is the paper's collapsing ablation (Fig. 2).
+
+The default is the CPU recipe for Fashion-MNIST, on the ConvNet and crops of configs/simclr.py
+(16-pixel crops, evaluated at 20 pixels); see the values set below for what was changed and
+why.
+"""
+
+from ssl_jax import config_lib
+
+# Native image side per dataset, for ResNet runs (which train at full resolution).
+_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
+               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
+                             dataset='fashion_mnist', crop=0)
+  c = config_lib.base_config()
+  c.data.name = arg.dataset
+
+  c.method.name = 'simsiam'
+  c.method.projector_hidden_dim = 2048
+  c.method.projector_output_dim = 2048
+  c.method.projector_num_layers = 3
+  c.method.predictor_hidden_dim = 512
+  c.method.stop_gradient = True
+
+  c.model.name = arg.backbone
+  c.optimizer.name = 'sgd'
+  c.optimizer.base_lr = 0.05
+  c.optimizer.lr_scaling = 'linear'
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.warmup_epochs = 0.0
+
+  a = c.augment
+  a.crop_scale = (0.2, 1.0)
+  a.brightness, a.contrast, a.saturation, a.hue = 0.4, 0.4, 0.4, 0.1
+  a.jitter_prob = 0.8
+  a.grayscale_prob = 0.2
+  a.blur_prob = 0.5
+  a.blur_sigma = (0.1, 2.0)
+
+  if arg.backbone == 'convnet':
+    c.batch_size = arg.batch or 256
+    c.model.widths = (16, 32, 64)
+    c.model.convs_per_stage = 2
+    a.crop_size = arg.crop or 16
+    c.eval.image_size = round(a.crop_size * 1.25)
+    c.method.projector_hidden_dim = 512
+    c.method.projector_output_dim = 512
+    c.method.predictor_hidden_dim = 128
+    c.num_epochs = arg.epochs or 16.0
+    c.eval_every_steps = 500
+  else:
+    side = _IMAGE_SIDE.get(arg.dataset, 224)
+    c.batch_size = arg.batch or 512
+    c.model.width = 64
+    c.model.small_images = side <= 64
+    a.crop_size = arg.crop or side
+    c.num_epochs = arg.epochs or 100.0
+    c.eval_every_steps = 5000
+  return c

@@ -1,0 +1,66 @@
+"""Triplet loss with semi-hard negatives (Schroff et al. 2015, FaceNet) between two augmented
+views of each image.
+
+  ssl-jax-train --config=configs/triplet.py --workdir=workdirs/triplet
+  ssl-jax-train --config=configs/triplet.py:backbone=resnet50,dataset=tfds:imagenet2012,batch=4096 ...
+
+Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch, epochs, dataset
+(fashion_mnist | tfds:<name>), crop (training crop side; 0 picks one for the dataset).
+
+FaceNet's loss values apply everywhere: margin alpha = 0.2 on squared distances between
+l2-normalised 128-dimensional embeddings, semi-hard negatives mined in the batch (here the
+global batch: every view is an anchor, the other view of its image its positive, both views
+of every other image its candidates). When an anchor has no semi-hard negative the farthest
+negative is used, as TF-Addons' triplet_semihard_loss does (method.fallback).
+FaceNet trains supervised face embeddings with AdaGrad, so there is no published
+self-supervised recipe: the optimisation is configs/simclr.py's (LARS, linear scaling), its
+CPU recipe by default (ConvNet, 16-pixel crops, evaluation at 20 pixels, 16 epochs) and its
+ImageNet recipe with a ResNet backbone.
+"""
+
+from ssl_jax import config_lib
+
+_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
+               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, backbone='convnet', batch=256, epochs=0.0,
+                             dataset='fashion_mnist', crop=0)
+  c = config_lib.base_config()
+  c.batch_size = arg.batch
+  c.data.name = arg.dataset
+
+  c.method.name = 'triplet'
+  c.method.margin = 0.2
+  c.method.fallback = 'easiest'   # or 'hardest': the closest negative
+  c.method.projector_hidden_dim = 2048
+  c.method.projector_output_dim = 128
+  c.method.projector_num_layers = 2
+  c.method.projector_last_bn = False
+
+  c.model.name = arg.backbone
+  c.optimizer.name = 'lars'
+  c.optimizer.base_lr = 0.3
+  c.optimizer.lr_scaling = 'linear'
+  c.optimizer.weight_decay = 1e-6
+
+  if arg.backbone == 'convnet':
+    c.model.widths = (16, 32, 64)
+    c.model.convs_per_stage = 2
+    c.method.projector_hidden_dim = 512
+    c.augment.crop_size = arg.crop or 16
+    c.augment.crop_scale = (0.2, 1.0)
+    c.eval.image_size = round(c.augment.crop_size * 1.25)
+    c.num_epochs = arg.epochs or 16.0
+    c.optimizer.warmup_epochs = 1.0
+    c.eval_every_steps = 500
+  else:
+    side = _IMAGE_SIDE.get(arg.dataset, 224)
+    c.model.width = 64
+    c.model.small_images = side <= 64
+    c.augment.crop_size = arg.crop or side
+    c.num_epochs = arg.epochs or 100.0
+    c.optimizer.warmup_epochs = 10.0
+    c.eval_every_steps = 5000
+  return c

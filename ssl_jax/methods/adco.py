@@ -1,0 +1,163 @@
+"""AdCo (Hu et al. 2021): MoCo's query and momentum key encoders, contrasted against a bank of
+K free negative vectors that are trained adversarially to maximise the contrastive loss.
+
+What is implemented (the paper's single-crop AdCo, following their released code):
+
+* Queries q = f(view) from the online encoder and projector, keys k from a momentum copy
+  (`target_params`, momentum `method.target_momentum`), both l2-normalised. Each query's
+  candidates are its key, the other keys of the global batch and the K bank vectors
+  (l2-normalised): `losses/info_nce.info_nce_with_negatives` at temperature
+  `method.temperature`. With `method.symmetric` both views serve as queries against the
+  other view's keys and the two losses are averaged (the code's `--sym`).
+* The encoder minimises that loss with the bank as it was at the start of the step.
+* The bank maximises the same loss at its own temperature `method.memory_temperature`,
+  with the queries and keys held fixed (their eq. 5-6; the gradient of the normalisation is
+  included, as in their closed form). `jax.grad` of the global-batch loss gives the bank's
+  gradient: under `shard_map` its transpose sums every device's contribution, so each device
+  applies the same update. The step is SGD with momentum on -loss, with weight decay:
+      v <- memory_momentum * v - dL/dbank + memory_weight_decay * bank
+      bank <- bank - memory_lr * v
+  `bank` and `v` live in `method_state` (`negatives`, `velocity`).
+* Initialisation (their `ad_init`): the bank starts as Gaussian noise and, with
+  `method.init_bank_from_keys`, the first ceil(K / N) steps fill it with the keys of view 2
+  (gathered across devices, written in order from row `filled`), without adversarial
+  updates; these steps also train the encoder (the paper runs them as a separate pass and
+  then copies the query encoder into the key encoder; here the key encoder just keeps its
+  momentum update).
+
+Not implemented: multi-crop. The projector is SimCLR's MLP with synchronised BatchNorm in
+its hidden layer (MoCo v2's has none; BatchNorm is global here, so there is no shuffle-BN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import parallel
+from ssl_jax.losses.info_nce import info_nce_with_negatives, l2_normalize
+from ssl_jax.methods.simclr import EncoderWithProjector
+from ssl_jax.models import DTYPES, build_encoder
+from ssl_jax.models.heads import ProjectionMLP
+
+
+@dataclasses.dataclass(frozen=True)
+class AdCo:
+  config: object
+  run_length: object = None
+
+  num_views: int = 2
+
+  @classmethod
+  def config_problems(cls, config) -> list[str]:
+    m = config.method
+    problems = []
+    # The paper's ImageNet values, to name a sensible fix.
+    for name, usual in (('temperature', 0.12), ('memory_temperature', 0.02),
+                        ('memory_lr', 3.0)):
+      if not m[name] > 0:
+        problems.append(f'method.{name}={m[name]} must be positive ({usual} in the paper).')
+    for name, usual in (('memory_momentum', 0.9), ('target_momentum', 0.999)):
+      if not 0 <= m[name] < 1:
+        problems.append(f'method.{name}={m[name]} must be in [0, 1) ({usual} in the paper).')
+    if not m.bank_size > 0:
+      problems.append(f'method.bank_size={m.bank_size} must be positive (65536 in the paper).')
+    if not m.memory_weight_decay >= 0:
+      problems.append(f'method.memory_weight_decay={m.memory_weight_decay} must be >= 0 '
+                      '(1e-4 in the paper).')
+    if config.augment.num_local_crops:
+      problems.append('AdCo here uses two global views (multi-crop is not implemented): set '
+                      'augment.num_local_crops=0.')
+    return problems
+
+  def network(self, axis_name: str | None = None) -> EncoderWithProjector:
+    m = self.config.method
+    return EncoderWithProjector(
+        encoder=build_encoder(self.config.model, axis_name),
+        projector=ProjectionMLP(hidden_dim=m.projector_hidden_dim,
+                                output_dim=m.projector_output_dim,
+                                num_layers=m.projector_num_layers, last_bn=m.projector_last_bn,
+                                axis_name=axis_name, dtype=DTYPES[self.config.model.dtype]))
+
+  def init(self, rng, images):
+    net_rng, bank_rng = jax.random.split(rng)
+    variables = self.network().init(net_rng, images, train=False)
+    m = self.config.method
+    shape = (m.bank_size, m.projector_output_dim)
+    state = {
+        'negatives': jax.random.normal(bank_rng, shape, jnp.float32),
+        'velocity': jnp.zeros(shape, jnp.float32),
+        # Rows [0, filled) hold keys; adversarial updates start once the bank is full.
+        'filled': jnp.asarray(0 if m.init_bank_from_keys else m.bank_size, jnp.int32),
+    }
+    return variables['params'], variables.get('batch_stats', {}), state
+
+  def init_target(self, params):
+    return jax.tree.map(jnp.copy, params)
+
+  def target_momentum(self, step):
+    del step  # constant, as in MoCo and AdCo
+    return jnp.asarray(self.config.method.target_momentum, jnp.float32)
+
+  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
+    del rng, step
+    m = self.config.method
+    n = views[0].shape[0]
+    net = self.network(axis_name)
+    if m.symmetric:
+      query_images = key_images = jnp.concatenate(views[:2], axis=0)
+    else:
+      query_images, key_images = views[0], views[1]
+    (_, zq), updates = net.apply({'params': params, 'batch_stats': batch_stats}, query_images,
+                                 train=True, mutable=['batch_stats'])
+    # The key encoder's BatchNorm uses this batch's statistics; its running averages are
+    # never used (only the query encoder is evaluated), so its updates are dropped.
+    (_, zk), _ = net.apply({'params': target_params, 'batch_stats': batch_stats}, key_images,
+                           train=True, mutable=['batch_stats'])
+    q = l2_normalize(zq)
+    k = jax.lax.stop_gradient(l2_normalize(zk))
+    if m.symmetric:
+      pairs = [(q[:n], k[n:]), (q[n:], k[:n])]
+      view2_keys = k[n:]
+    else:
+      pairs = [(q, k)]
+      view2_keys = k
+
+    def contrastive(bank, pairs, temperature):
+      results = [info_nce_with_negatives(qi, ki, bank, temperature, axis_name)
+                 for qi, ki in pairs]
+      return jax.tree.map(lambda *xs: sum(xs) / len(xs), *results)
+
+    bank = method_state['negatives']
+    loss, metrics = contrastive(bank, pairs, m.temperature)
+
+    fixed_pairs = jax.lax.stop_gradient(pairs)
+    memory_loss, bank_grad = jax.value_and_grad(
+        lambda b: contrastive(b, fixed_pairs, m.memory_temperature)[0])(bank)
+    new_state = self._update_bank(method_state, bank_grad,
+                                  parallel.gather_rows_replicated(view2_keys, axis_name))
+    metrics = dict(metrics, memory_loss=jax.lax.stop_gradient(memory_loss),
+                   bank_filled=method_state['filled'] / m.bank_size)
+    return loss, (metrics, updates['batch_stats'], new_state)
+
+  def _update_bank(self, state, bank_grad, keys):
+    """One adversarial step once the bank is full; until then, appends `keys` [N, d]."""
+    m = self.config.method
+    bank, velocity, filled = state['negatives'], state['velocity'], state['filled']
+    ascent_velocity = (m.memory_momentum * velocity - bank_grad
+                       + m.memory_weight_decay * bank)
+    ascended = bank - m.memory_lr * ascent_velocity
+    rows = filled + jnp.arange(keys.shape[0])
+    appended = bank.at[rows].set(keys, mode='drop')  # rows past the end are dropped
+    full = filled >= m.bank_size
+    return {
+        'negatives': jnp.where(full, ascended, appended),
+        'velocity': jnp.where(full, ascent_velocity, velocity),
+        'filled': jnp.minimum(filled + keys.shape[0], m.bank_size).astype(jnp.int32),
+    }
+
+  def encode(self, params, batch_stats, images):
+    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
+                                method=EncoderWithProjector.encode)

@@ -1,0 +1,148 @@
+"""DINO (Caron et al. 2021, "Emerging properties in self-supervised vision transformers"):
+self-distillation with no labels. A student network (encoder + DINO head) is trained to match
+on every crop the centred, sharpened output of a teacher on the other global crops (eq. 3);
+the teacher is an exponential moving average of the student (Sec. 3.1, "Teacher network"),
+with momentum raised from 0.996 to 1 on a cosine schedule.
+
+As in the reference implementation:
+  * crops of one resolution go through the encoder together (the global crops, then the
+    local crops), and the head sees all crops as one batch; the teacher sees only the global
+    crops, in BatchNorm training mode (its running statistics are discarded);
+  * the centre c (`method_state['center']`, eq. 4) is updated after the loss with the
+    teacher's outputs of this step: c <- m c + (1 - m) mean over the global batch;
+  * the teacher temperature warms up linearly from `teacher_temperature_start` to
+    `teacher_temperature` over `teacher_warmup_epochs` (per step here; the reference holds it
+    constant within each epoch), then stays there;
+  * the head's last layer gets no gradient during the first `freeze_last_layer_epochs`.
+
+`encode` returns the student's backbone features; the paper evaluates the teacher's (App. D
+finds the teacher better throughout training), which the method interface does not expose
+(the trainer evaluates `encode(params, ...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ssl_jax.losses import dino as dino_loss
+from ssl_jax.models import DTYPES, build_encoder
+from ssl_jax.models.dino_head import DINOHead
+
+
+class MultiCropNetwork(nn.Module):
+  """Encoder per resolution group (global crops, then local crops), head on all crops."""
+  encoder: nn.Module
+  head: nn.Module
+
+  def __call__(self, global_crops, local_crops=None, train: bool = True):
+    features = [self.encoder(global_crops, train=train)]
+    if local_crops is not None:
+      features.append(self.encoder(local_crops, train=train))
+    return self.head(jnp.concatenate(features, axis=0), train=train)
+
+  def encode(self, x):
+    return self.encoder(x, train=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DINO:
+  config: object  # the whole experiment ConfigDict; this method reads .model and .method
+  run_length: object = None
+
+  num_views: int = 2
+
+  def network(self, axis_name: str | None = None) -> MultiCropNetwork:
+    m = self.config.method
+    return MultiCropNetwork(
+        encoder=build_encoder(self.config.model, axis_name),
+        head=DINOHead(output_dim=m.output_dim, hidden_dim=m.head_hidden_dim,
+                      bottleneck_dim=m.bottleneck_dim, num_layers=m.head_num_layers,
+                      norm_last_layer=m.norm_last_layer,
+                      dtype=DTYPES[self.config.model.dtype]))
+
+  @classmethod
+  def config_problems(cls, config) -> list[str]:
+    m = config.method
+    problems = []
+    for name in ('student_temperature', 'teacher_temperature', 'teacher_temperature_start'):
+      if m[name] <= 0:
+        problems.append(f'method.{name} must be positive.')
+    if not 0.0 <= m.center_momentum < 1.0:
+      problems.append('method.center_momentum must be in [0, 1) (the paper: 0.9).')
+    if not 0.0 <= m.teacher_momentum_base <= 1.0:
+      problems.append('method.teacher_momentum_base must be in [0, 1] (the paper: 0.996).')
+    if m.head_num_layers < 1:
+      problems.append('method.head_num_layers must be at least 1 (the paper: 3).')
+    if m.output_dim < 1:
+      problems.append('method.output_dim must be positive (the paper: 65536).')
+    for name in ('teacher_warmup_epochs', 'freeze_last_layer_epochs'):
+      if m[name] < 0:
+        problems.append(f'method.{name} must be >= 0 (0 disables it).')
+    return problems
+
+  def init(self, rng, images):
+    variables = self.network().init(rng, images, train=False)
+    center = jnp.zeros((self.config.method.output_dim,), jnp.float32)
+    return variables['params'], variables.get('batch_stats', {}), {'center': center}
+
+  def init_target(self, params):
+    # The teacher starts as a copy of the student (Sec. 3.1).
+    return jax.tree.map(jnp.copy, params)
+
+  def target_momentum(self, step):
+    """lambda = 1 - (1 - lambda_base) (cos(pi k / K) + 1) / 2 (Sec. 3.1, after BYOL)."""
+    one_minus = optax.cosine_decay_schedule(
+        init_value=1.0 - self.config.method.teacher_momentum_base,
+        decay_steps=self.run_length.total_steps)
+    return 1.0 - one_minus(step)
+
+  def teacher_temperature(self, step):
+    m = self.config.method
+    warmup = round(m.teacher_warmup_epochs * self.run_length.steps_per_epoch)
+    if warmup <= 0:
+      # optax.linear_schedule would hold init_value (the *start*) forever.
+      return jnp.asarray(m.teacher_temperature, jnp.float32)
+    return optax.linear_schedule(init_value=m.teacher_temperature_start,
+                                 end_value=m.teacher_temperature,
+                                 transition_steps=warmup)(step)
+
+  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
+    del rng  # The loss is deterministic given the views.
+    m = self.config.method
+    g = self.num_views
+    n = views[0].shape[0]
+    # The reference drops the last layer's gradients in the first epoch(s) to stabilise the
+    # start; a stop_gradient switch on the traced step does the same inside one jitted step.
+    frozen = step < round(m.freeze_last_layer_epochs * self.run_length.steps_per_epoch)
+    head = params['head']
+    params = {**params, 'head': {**head, 'last_layer': jax.tree.map(
+        lambda p: jnp.where(frozen, jax.lax.stop_gradient(p), p), head['last_layer'])}}
+
+    network = self.network(axis_name)
+    global_crops = jnp.concatenate(views[:g], axis=0)
+    local_crops = jnp.concatenate(views[g:], axis=0) if len(views) > g else None
+    student, updates = network.apply({'params': params, 'batch_stats': batch_stats},
+                                     global_crops, local_crops, train=True,
+                                     mutable=['batch_stats'])
+    teacher, _ = network.apply({'params': target_params, 'batch_stats': batch_stats},
+                               global_crops, train=True, mutable=['batch_stats'])
+    teacher = jax.lax.stop_gradient(teacher)
+    student = [student[v * n:(v + 1) * n] for v in range(len(views))]
+    teacher = [teacher[v * n:(v + 1) * n] for v in range(g)]
+
+    center = method_state['center']
+    tau_t = self.teacher_temperature(step)
+    loss, metrics = dino_loss.self_distillation(student, teacher, center,
+                                                m.student_temperature, tau_t, axis_name)
+    new_center = dino_loss.update_center(center, teacher, m.center_momentum, axis_name)
+    metrics = dict(metrics, teacher_temperature=tau_t)
+    return loss, (metrics, updates['batch_stats'], {'center': new_center})
+
+  def encode(self, params, batch_stats, images):
+    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
+                                method=MultiCropNetwork.encode)

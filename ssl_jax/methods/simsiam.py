@@ -1,0 +1,82 @@
+"""SimSiam (Chen & He 2021, "Exploring simple Siamese representation learning"): BYOL without
+the momentum encoder. One network (encoder, projector whose output is batch-normalised, and a
+bottleneck predictor) sees both views; each view's prediction regresses the other view's
+projection through a stop-gradient, which alone prevents collapse (Sec. 4.1).
+
+Each view is forwarded separately, as in the reference implementation, so BatchNorm uses
+per-view (global-batch) statistics.
+
+Deviation: the paper keeps the predictor's learning rate fixed while the rest decays (Sec.
+4.2, Table 1: +0.4 points). The trainer builds one optimizer with one schedule for all
+parameters, so here the predictor decays with everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from ssl_jax.losses import regression
+from ssl_jax.methods.byol import EncoderProjectorPredictor, forward_views
+from ssl_jax.models import DTYPES, build_encoder
+from ssl_jax.models.heads import ProjectionMLP
+
+
+@dataclasses.dataclass(frozen=True)
+class SimSiam:
+  config: object  # the whole experiment ConfigDict; this method reads .model and .method
+  run_length: object = None
+
+  num_views: int = 2
+
+  def network(self, axis_name: str | None = None) -> EncoderProjectorPredictor:
+    m = self.config.method
+    dtype = DTYPES[self.config.model.dtype]
+    return EncoderProjectorPredictor(
+        encoder=build_encoder(self.config.model, axis_name),
+        # BN on the projector's output, without affine parameters, as the reference code.
+        projector=ProjectionMLP(hidden_dim=m.projector_hidden_dim,
+                                output_dim=m.projector_output_dim,
+                                num_layers=m.projector_num_layers, last_bn=True,
+                                axis_name=axis_name, dtype=dtype),
+        # The bottleneck (hidden < output) predictor of Sec. 3.
+        predictor=ProjectionMLP(hidden_dim=m.predictor_hidden_dim,
+                                output_dim=m.projector_output_dim, num_layers=2,
+                                axis_name=axis_name, dtype=dtype))
+
+  @classmethod
+  def config_problems(cls, config) -> list[str]:
+    problems = []
+    if config.augment.num_local_crops:
+      problems.append('SimSiam uses two global views only: set augment.num_local_crops = 0.')
+    # ProjectionMLP would silently build one layer for any count below 1.
+    if config.method.projector_num_layers < 1:
+      problems.append('method.projector_num_layers must be >= 1 (the paper: 3 on ImageNet, '
+                      f'2 on CIFAR); got {config.method.projector_num_layers}.')
+    return problems
+
+  def init(self, rng, images):
+    variables = self.network().init(rng, images, train=False)
+    return variables['params'], variables.get('batch_stats', {}), {}
+
+  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
+    del target_params, rng, step  # no target network; deterministic given the views.
+    outputs, new_batch_stats = forward_views(self.network(axis_name), params, batch_stats,
+                                             views)
+    (z1, p1), (z2, p2) = outputs
+    stop_gradient = self.config.method.stop_gradient
+    # Eq. 2: L = D(p1, z2) / 2 + D(p2, z1) / 2.
+    loss_12, m_12 = regression.negative_cosine(p1, z2, axis_name, stop_gradient)
+    loss_21, m_21 = regression.negative_cosine(p2, z1, axis_name, stop_gradient)
+    metrics = {
+        'cosine': (m_12['cosine'] + m_21['cosine']) / 2,
+        # Fig. 2 (middle): the spread of the normalised projections exposes collapse, which
+        # the loss alone does not (a collapsed network reaches the minimum, -1).
+        'z_spread': regression.embedding_spread(jnp.concatenate([z1, z2]), axis_name),
+    }
+    return (loss_12 + loss_21) / 2, (metrics, new_batch_stats, method_state)
+
+  def encode(self, params, batch_stats, images):
+    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
+                                method=EncoderProjectorPredictor.encode)

@@ -1,0 +1,43 @@
+"""Triplet loss with semi-hard negative mining (Schroff et al. 2015, FaceNet) as a
+self-supervised method: the two augmented views of an image are the anchor-positive pair and
+every other image of the global batch is a candidate negative (`losses/triplet.py`).
+
+The networks are SimCLR's (encoder and projection MLP); only the loss differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from ssl_jax.losses.triplet import FALLBACKS, semihard_triplet
+from ssl_jax.methods.simclr import SimCLR
+
+
+@dataclasses.dataclass(frozen=True)
+class Triplet(SimCLR):
+
+  @classmethod
+  def config_problems(cls, config) -> list[str]:
+    m = config.method
+    problems = []
+    if not m.margin > 0:
+      problems.append(f'method.margin={m.margin} must be positive (0.2 in FaceNet).')
+    if m.fallback not in FALLBACKS:
+      problems.append(f'method.fallback={m.fallback!r} is unknown; use one of {FALLBACKS}.')
+    if config.augment.num_local_crops:
+      problems.append('The triplet loss uses two global views: set '
+                      'augment.num_local_crops=0.')
+    return problems
+
+  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
+    del target_params, rng, step
+    n = views[0].shape[0]
+    # One pass over both views, so BatchNorm normalises them with the same statistics.
+    (_, z), updates = self.network(axis_name).apply(
+        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views, axis=0),
+        train=True, mutable=['batch_stats'])
+    m = self.config.method
+    loss, metrics = semihard_triplet(z[:n], z[n:], m.margin, m.fallback, axis_name)
+    return loss, (metrics, updates['batch_stats'], method_state)

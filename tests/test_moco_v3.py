@@ -1,0 +1,190 @@
+"""MoCo v3: ctr(q, k) by hand, the symmetric 2-tau-scaled loss against a numpy reference,
+devices agreeing, the cosine momentum schedule and the momentum encoder through the
+trainer, config errors, exact resume, and a short Fashion-MNIST run."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import method_harness as harness
+from ssl_jax import config_lib, optim, parallel, train
+from ssl_jax.losses.moco import batch_info_nce
+from ssl_jax.methods import RunLength, build_method
+from ssl_jax.state import create_train_state
+from ssl_jax.train_step import make_train_step
+
+
+def _config():
+  config = harness.shrink(harness.load_config('moco_v3'))
+  config.method.mlp_hidden_dim = 32
+  config.method.output_dim = 16
+  return config
+
+
+def _normalize(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reference_ctr(q, k, temperature):
+  """Algorithm 1's ctr: cross-entropy of q against all keys (positive: same index), x 2 tau."""
+  logits = _normalize(q) @ _normalize(k).T / temperature
+  top = logits.max(axis=1)
+  lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+  return np.mean(lse - np.diag(logits)) * 2 * temperature
+
+
+def test_batch_info_nce_hand_computed():
+  # Query 0 meets its key at cos 1 and the other key at cos 1/sqrt(2); query 1 its key at
+  # cos 1/sqrt(2) and the other at cos 0. tau = 1.
+  q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  k = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+  loss, metrics = batch_info_nce(q, k, 1.0)
+  c = 1 / math.sqrt(2)
+  loss_0 = math.log(math.e + math.exp(c)) - 1.0
+  loss_1 = math.log(1.0 + math.exp(c)) - c
+  np.testing.assert_allclose(loss, (loss_0 + loss_1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(metrics['pos_cosine'], (1 + c) / 2, rtol=1e-6)
+  np.testing.assert_allclose(metrics['neg_cosine'], c / 2, rtol=1e-6)
+  np.testing.assert_allclose(metrics['contrastive_acc'], 1.0)
+
+
+def _perturbed(params, seed=5):
+  """A momentum encoder that differs from the online one, so swapped roles would show."""
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [x + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+                                   for x in leaves])
+
+
+def test_loss_matches_reference():
+  """ctr(q1, k2) + ctr(q2, k1), q the online predictions, k the momentum projections, each
+  view through the networks on its own (BN statistics per view)."""
+  config = _config()
+  method, params, stats, _, state = harness.init_method(config)
+  target = _perturbed(params)
+  views = harness.make_views(config, method, 32)
+  loss, grads, _, _, new_state = harness.sharded_loss_and_grads(
+      method, params, stats, target, state, views, 0)
+
+  def run(net, p, x):
+    return net.apply({'params': p, 'batch_stats': stats}, x, train=True,
+                     mutable=['batch_stats'])[0][1]
+
+  online, momentum = method.online_network(), method.momentum_network()
+  target_stats = {k: stats[k] for k in ('encoder', 'projector')}
+  momentum_params = {k: target[k] for k in ('encoder', 'projector')}
+  q1, q2 = (run(online, params, v) for v in views)
+  k1, k2 = (momentum.apply({'params': momentum_params, 'batch_stats': target_stats}, v,
+                           train=True, mutable=['batch_stats'])[0][1] for v in views)
+  tau = config.method.temperature
+  assert tau != 0.5  # so that a missing 2 tau factor would show
+  expected = _reference_ctr(q1, k2, tau) + _reference_ctr(q2, k1, tau)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  assert new_state == {}
+  # The predictor is trained; the online network's own gradient is not zero.
+  assert np.abs(np.asarray(grads['predictor']['Dense_0']['kernel'])).max() > 0
+
+
+def test_devices_agree():
+  # The loss ignores `step` (the momentum schedule is the trainer's): one step suffices.
+  harness.check_devices_agree(_config(), steps=(0,))
+
+
+def test_momentum_schedule_is_the_papers_cosine():
+  config = _config()
+  method = build_method(config, RunLength(total_steps=1000, steps_per_epoch=10))
+  for k in (0, 1, 250, 500, 999, 1000):
+    expected = 1 - (1 - 0.99) * (math.cos(math.pi * k / 1000) + 1) / 2
+    np.testing.assert_allclose(method.target_momentum(k), expected, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(method.target_momentum(0), 0.99, rtol=1e-7)
+  np.testing.assert_allclose(method.target_momentum(500), 0.995, rtol=1e-7)
+  np.testing.assert_allclose(method.target_momentum(1000), 1.0, rtol=1e-7)
+
+
+def _trainer_steps(config, num_steps, num_devices=2):
+  """The real train step on `num_devices` devices; the states before and after each step."""
+  mesh = parallel.make_mesh(num_devices)
+  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size,
+                                          config.total_steps, 1)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  method = build_method(config, RunLength(config.total_steps, 1))
+  size = config.augment.crop_size
+  state = jax.jit(lambda r: create_train_state(method, tx, r, jnp.zeros((2, size, size, 1))),
+                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  step = make_train_step(method, tx, mesh, config.augment, schedule)
+  states, metrics = [jax.device_get(state)], []
+  for i in range(num_steps):
+    images = np.random.default_rng(i).integers(0, 256, (config.batch_size, 16, 16, 1),
+                                               np.uint8)
+    state, m = step(state, parallel.global_batch_from_host(images, mesh))
+    states.append(jax.device_get(state))  # the step donates its input: keep host copies
+    metrics.append(jax.device_get(m))
+  return states, metrics
+
+
+def test_momentum_encoder_through_the_trainer():
+  config = _config()
+  config.total_steps = 4  # m over the run: 0.99, 0.99146, 0.995, 0.99854, (1 at step 4)
+  states, metrics = _trainer_steps(config, 3)
+  for k, (before, after, m) in enumerate(zip(states, states[1:], metrics)):
+    tau = 1 - 0.01 * (math.cos(math.pi * k / 4) + 1) / 2
+    np.testing.assert_allclose(m['target_momentum'], tau, rtol=1e-6)
+    expected = jax.tree.map(lambda t, o: tau * np.float64(t) + (1 - tau) * np.float64(o),
+                            before.target_params, after.params)
+    harness.assert_trees_close(after.target_params, expected, rtol=1e-6, atol=1e-7,
+                               what=f'momentum encoder, step {k}')
+  # Not vacuous: the momentum encoder moved, and lags the online one.
+  first = jax.tree.leaves(states[0].target_params['encoder'])[0]
+  last = jax.tree.leaves(states[-1].target_params['encoder'])[0]
+  assert np.abs(last - first).max() > 0
+  assert np.abs(last - jax.tree.leaves(states[-1].params['encoder'])[0]).max() > 0
+  assert states[-1].method_state == {}
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('method.base_momentum', 1.5, r'method.base_momentum=1.5 must be in \[0, 1\]'),
+    ('augment.num_local_crops', 2, r'set augment.num_local_crops = 0'),
+    ('method.temperature', 0.0, r'method.temperature must be positive'),
+])
+def test_bad_config_names_the_fix(field, value, message):
+  config = _config()
+  config_lib.validate(config, 8)  # the unmodified config is valid
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config, 8)
+
+
+def test_resumed_run_ends_with_identical_state(tmp_path):
+  """The momentum encoder, whose schedule depends on the step, survives a checkpoint."""
+  config = _config()
+  straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
+  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert int(resumed.step) == int(straight.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
+               jax.device_get(straight))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first.target_params),
+                                                      jax.tree.leaves(resumed.target_params)))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  config = harness.shrink(harness.load_config('moco_v3'), batch_size=64)
+  config.eval.final_bank_size, config.eval.final_test_size = 5000, 1000
+  state, results = harness.train_briefly(config, str(tmp_path_factory.mktemp('moco_v3')), 120)
+  return config, state, results
+
+
+@pytest.mark.slow  # a real training run: `pytest -m slow` (README, Tests)
+def test_short_training_learns(trained):
+  config, state, results = trained
+  spread = harness.encoder_spread(config, build_method(config), state)
+  print(f'moco_v3: kNN {results["knn_top1"]:.4f} vs random init '
+        f'{results["knn_top1_random_init"]:.4f}, spread {spread:.3f}')
+  assert spread > 0.1
+  assert results['knn_top1'] > results['knn_top1_random_init']
