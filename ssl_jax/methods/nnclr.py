@@ -11,8 +11,11 @@ predictions, which are gathered from every device as the candidates (in-batch ne
 
 The support set is a FIFO queue in `method_state` (`losses/queue.py`): after the loss, the
 normalised view-1 projections of the global batch, gathered from all devices, replace its
-oldest entries, so it is the same on every device. It starts as random unit vectors, whose
-neighbours are meaningless for the first K / N steps (as in the public implementations).
+oldest entries, so it is the same on every device. It starts as random unit vectors (as in
+the public implementations); projections of real images lie closer to each other than random
+directions do, so from the second step on the neighbours are mostly real projections, long
+before they fill the support set (measured: nn_cosine 0.85 after 25 steps with 1,600 of
+4,096 entries real).
 
 Both views go through the network as one batch (as SimCLR, on whose code NNCLR builds), so
 BatchNorm, synchronised over the global batch, normalises them with the same statistics.
