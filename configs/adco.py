@@ -22,9 +22,6 @@ momentum 0.99, which suits a run of a few thousand steps as 0.999 suits MoCo's 1
 
 from ssl_jax import config_lib
 
-_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, backbone='convnet', batch=256, epochs=0.0,
@@ -48,7 +45,6 @@ def get_config(arg=None):
   c.method.projector_num_layers = 2
   c.method.projector_last_bn = False
 
-  c.model.name = arg.backbone
   c.optimizer.name = 'sgd'
   c.optimizer.base_lr = 0.03
   c.optimizer.lr_scaling = 'linear'
@@ -56,26 +52,14 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_epochs = 0.0
 
+  config_lib.set_backbone(c, arg, paper_epochs=200.0)
   if arg.backbone == 'convnet':
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
     c.method.projector_hidden_dim = 512
     c.method.bank_size = 4096
     c.method.target_momentum = 0.99
-    c.augment.crop_size = arg.crop or 16
     c.augment.crop_scale = (0.2, 1.0)
-    c.eval.image_size = round(c.augment.crop_size * 1.25)
     c.optimizer.name = 'lars'
     c.optimizer.base_lr = 0.3
     c.optimizer.weight_decay = 1e-6
     c.optimizer.warmup_epochs = 1.0
-    c.num_epochs = arg.epochs or 16.0
-    c.eval_every_steps = 500
-  else:
-    side = _IMAGE_SIDE.get(arg.dataset, 224)
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    c.augment.crop_size = arg.crop or side
-    c.num_epochs = arg.epochs or 200.0
-    c.eval_every_steps = 5000
   return c

@@ -21,10 +21,6 @@ why.
 
 from ssl_jax import config_lib
 
-# Native image side per dataset, for ResNet runs (which train at full resolution).
-_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
@@ -38,7 +34,6 @@ def get_config(arg=None):
   c.method.predictor_hidden_dim = 4096
   c.method.target_momentum_base = 0.996
 
-  c.model.name = arg.backbone
   c.optimizer.name = 'lars'
   c.optimizer.base_lr = 0.2
   c.optimizer.lr_scaling = 'linear'
@@ -53,26 +48,15 @@ def get_config(arg=None):
   a.per_view.blur_prob = (1.0, 0.1)
   a.per_view.solarize_prob = (0.0, 0.2)
 
+  config_lib.set_backbone(c, arg, paper_epochs=1000.0)
   if arg.backbone == 'convnet':
     c.batch_size = arg.batch or 256
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
-    a.crop_size = arg.crop or 16
     a.crop_scale = (0.2, 1.0)  # 0.08 leaves blank patches of these centred objects
-    c.eval.image_size = round(a.crop_size * 1.25)
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 128
     c.method.predictor_hidden_dim = 512
-    c.num_epochs = arg.epochs or 16.0
     c.optimizer.warmup_epochs = 1.0
-    c.eval_every_steps = 500
   else:
-    side = _IMAGE_SIDE.get(arg.dataset, 224)
     c.batch_size = arg.batch or 4096
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    a.crop_size = arg.crop or side
-    c.num_epochs = arg.epochs or 1000.0
     c.optimizer.warmup_epochs = 10.0
-    c.eval_every_steps = 5000
   return c

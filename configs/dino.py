@@ -28,10 +28,6 @@ below for what was changed and why.
 
 from ssl_jax import config_lib
 
-# Native image side per dataset, for ResNet runs (which train at full resolution).
-_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
@@ -54,7 +50,6 @@ def get_config(arg=None):
   m.teacher_momentum_base = 0.996
   m.freeze_last_layer_epochs = 1.0
 
-  c.model.name = arg.backbone
   c.optimizer.name = 'adamw'
   c.optimizer.base_lr = 0.0005
   c.optimizer.lr_scaling = 'linear'
@@ -75,26 +70,15 @@ def get_config(arg=None):
   a.local_crop_size = 0         # crop_size * 96 / 224
   a.local_crop_scale = (0.05, 0.14)
 
+  config_lib.set_backbone(c, arg, paper_epochs=100.0)
   if arg.backbone == 'convnet':
     c.batch_size = arg.batch or 256
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
-    a.crop_size = arg.crop or 16
-    c.eval.image_size = round(a.crop_size * 1.25)
     m.head_hidden_dim = 512
     m.bottleneck_dim = 128
     m.output_dim = 4096
-    c.num_epochs = arg.epochs or 16.0
     c.optimizer.warmup_epochs = 1.0
     m.teacher_warmup_epochs = 4.0
-    c.eval_every_steps = 500
   else:
-    side = _IMAGE_SIDE.get(arg.dataset, 224)
     c.batch_size = arg.batch or 1024
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    a.crop_size = arg.crop or side
-    c.num_epochs = arg.epochs or 100.0
     c.optimizer.warmup_epochs = 10.0
-    c.eval_every_steps = 5000
   return c

@@ -28,10 +28,6 @@ with m = 0.9 a short run collapsed while its contrastive accuracy rose to 0.95
 
 from ssl_jax import config_lib
 
-# Native image side per dataset, for ResNet runs (which train at full resolution).
-_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, backbone='convnet', batch=256, epochs=0.0,
@@ -52,7 +48,6 @@ def get_config(arg=None):
   c.method.shuffle_bn_group_size = 0
   c.method.shuffle_bn_groups = 8
 
-  c.model.name = arg.backbone
   c.optimizer.name = 'sgd'
   c.optimizer.base_lr = 0.03
   c.optimizer.lr_scaling = 'linear'
@@ -67,11 +62,8 @@ def get_config(arg=None):
   a.grayscale_prob = 0.2
   a.blur_prob = 0.5
 
+  config_lib.set_backbone(c, arg, paper_epochs=200.0)
   if arg.backbone == 'convnet':
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
-    c.augment.crop_size = arg.crop or 16
-    c.eval.image_size = round(c.augment.crop_size * 1.25)
     a.brightness, a.contrast = 0.8, 0.8  # SimCLR's strength: better here (README)
     c.method.queue_size = 4096
     c.method.momentum = 0.99
@@ -80,13 +72,4 @@ def get_config(arg=None):
     c.optimizer.base_lr = 0.3
     c.optimizer.weight_decay = 1e-6
     c.optimizer.warmup_epochs = 1.0
-    c.num_epochs = arg.epochs or 16.0
-    c.eval_every_steps = 500
-  else:
-    side = _IMAGE_SIDE.get(arg.dataset, 224)
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    c.augment.crop_size = arg.crop or side
-    c.num_epochs = arg.epochs or 200.0
-    c.eval_every_steps = 5000
   return c

@@ -25,10 +25,6 @@ recipe's value; SimCLR measured best at 0.1 on this data, README). Not measured 
 
 from ssl_jax import config_lib
 
-# Native image side per dataset, for ResNet runs (which train at full resolution).
-_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
@@ -46,7 +42,6 @@ def get_config(arg=None):
   c.method.projector_last_bn = True
   c.method.predictor_last_bn = True
 
-  c.model.name = arg.backbone
   c.optimizer.name = 'lars'
   c.optimizer.base_lr = 0.3
   c.optimizer.lr_scaling = 'linear'
@@ -61,24 +56,12 @@ def get_config(arg=None):
   a.per_view.blur_prob = (1.0, 0.1)
   a.per_view.solarize_prob = (0.0, 0.2)
 
+  config_lib.set_backbone(c, arg, paper_epochs=300.0)
   if arg.backbone == 'convnet':
     c.batch_size = arg.batch or 256
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
-    c.augment.crop_size = arg.crop or 16
-    c.eval.image_size = round(c.augment.crop_size * 1.25)
     c.method.mlp_hidden_dim = 512
     c.method.output_dim = 128
     c.method.temperature = 0.2
     c.optimizer.weight_decay = 1e-6
     c.optimizer.warmup_epochs = 1.0
-    c.num_epochs = arg.epochs or 16.0
-    c.eval_every_steps = 500
-  else:
-    side = _IMAGE_SIDE.get(arg.dataset, 224)
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    c.augment.crop_size = arg.crop or side
-    c.num_epochs = arg.epochs or 300.0
-    c.eval_every_steps = 5000
   return c

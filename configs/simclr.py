@@ -19,10 +19,6 @@ With a ResNet backbone the paper's ImageNet recipe applies: LARS, lr 0.3 x B/256
 
 from ssl_jax import config_lib
 
-# Native image side per dataset, for ResNet runs (which train at full resolution).
-_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, backbone='convnet', batch=256, epochs=0.0,
@@ -38,30 +34,18 @@ def get_config(arg=None):
   c.method.projector_num_layers = 2
   c.method.projector_last_bn = False
 
-  c.model.name = arg.backbone
   c.optimizer.name = 'lars'
   c.optimizer.base_lr = 0.3
   c.optimizer.lr_scaling = 'linear'
   c.optimizer.weight_decay = 1e-6
 
+  config_lib.set_backbone(c, arg, paper_epochs=100.0)
   if arg.backbone == 'convnet':
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
-    c.augment.crop_size = arg.crop or 16
     c.augment.crop_scale = (0.2, 1.0)  # 0.08 leaves blank patches of these centred objects
-    c.eval.image_size = round(c.augment.crop_size * 1.25)
     c.method.temperature = 0.1  # measured here: 0.5 < 0.2 < 0.1 > 0.05 (kNN, 3 epochs)
-    c.num_epochs = arg.epochs or 16.0
     c.optimizer.warmup_epochs = 1.0
-    c.eval_every_steps = 500
   else:
-    side = _IMAGE_SIDE.get(arg.dataset, 224)
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    c.augment.crop_size = arg.crop or side
     c.method.temperature = 0.1
     c.method.projector_hidden_dim = 2048
-    c.num_epochs = arg.epochs or 100.0
     c.optimizer.warmup_epochs = 10.0
-    c.eval_every_steps = 5000
   return c

@@ -22,10 +22,6 @@ why.
 
 from ssl_jax import config_lib
 
-# Native image side per dataset, for ResNet runs (which train at full resolution).
-_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
@@ -40,7 +36,6 @@ def get_config(arg=None):
   c.method.predictor_hidden_dim = 512
   c.method.stop_gradient = True
 
-  c.model.name = arg.backbone
   c.optimizer.name = 'sgd'
   c.optimizer.base_lr = 0.05
   c.optimizer.lr_scaling = 'linear'
@@ -56,23 +51,12 @@ def get_config(arg=None):
   a.blur_prob = 0.5
   a.blur_sigma = (0.1, 2.0)
 
+  config_lib.set_backbone(c, arg, paper_epochs=100.0)
   if arg.backbone == 'convnet':
     c.batch_size = arg.batch or 256
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
-    a.crop_size = arg.crop or 16
-    c.eval.image_size = round(a.crop_size * 1.25)
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 512
     c.method.predictor_hidden_dim = 128
-    c.num_epochs = arg.epochs or 16.0
-    c.eval_every_steps = 500
   else:
-    side = _IMAGE_SIDE.get(arg.dataset, 224)
     c.batch_size = arg.batch or 512
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    a.crop_size = arg.crop or side
-    c.num_epochs = arg.epochs or 100.0
-    c.eval_every_steps = 5000
   return c

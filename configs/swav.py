@@ -25,10 +25,6 @@ below for what was changed and why.
 
 from ssl_jax import config_lib
 
-# Native image side per dataset, for ResNet runs (which train at full resolution).
-_IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
@@ -48,7 +44,6 @@ def get_config(arg=None):
   m.queue_length = 0            # global rows; 0 = no queue
   m.queue_start_epoch = 15.0
 
-  c.model.name = arg.backbone
   c.optimizer.name = 'lars'
   c.optimizer.base_lr = 0.3
   c.optimizer.lr_scaling = 'linear'
@@ -60,12 +55,9 @@ def get_config(arg=None):
   a.local_crop_size = 0         # crop_size * 96 / 224
   a.local_crop_scale = (0.05, 0.14)
 
+  config_lib.set_backbone(c, arg, paper_epochs=800.0)
   if arg.backbone == 'convnet':
     c.batch_size = arg.batch or 256
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
-    a.crop_size = arg.crop or 16
-    c.eval.image_size = round(a.crop_size * 1.25)
     m.projector_hidden_dim = 512
     # Fashion-MNIST has 10 classes; a few dozen prototypes per class, as the paper's 3000
     # for ImageNet's 1000, and fewer than the 256 images of a batch, so equipartition over a
@@ -73,16 +65,8 @@ def get_config(arg=None):
     m.num_prototypes = 100
     # One epoch of frozen prototypes, as 313 iterations are for the paper's batch 4096.
     m.freeze_prototypes_steps = 234
-    c.num_epochs = arg.epochs or 16.0
     c.optimizer.warmup_epochs = 1.0
-    c.eval_every_steps = 500
   else:
-    side = _IMAGE_SIDE.get(arg.dataset, 224)
     c.batch_size = arg.batch or 4096
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    a.crop_size = arg.crop or side
-    c.num_epochs = arg.epochs or 800.0
     c.optimizer.warmup_epochs = 10.0
-    c.eval_every_steps = 5000
   return c

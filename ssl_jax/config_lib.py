@@ -129,6 +129,38 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Native image side per dataset, for ResNet runs (which train at full resolution).
+IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
+              'tfds:stl10': 96, 'tfds:imagenet2012': 224}
+
+
+def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float) -> None:
+  """The backbone fields every method config shares, from its `backbone`, `dataset`, `crop`
+  and `epochs` arguments.
+
+  'convnet' is the CPU recipe for Fashion-MNIST chosen in configs/simclr.py: a 16-32-64
+  ConvNet with two convs per stage on 16-pixel crops, evaluated at 1.25 x the crop side
+  (FixRes), 16 epochs, the kNN monitor every 500 steps. A ResNet trains at the dataset's
+  native resolution (CIFAR-style stem up to 64 pixels) for the paper's `paper_epochs`.
+  Batch size, warm-up and crop scale stay with each method's config: they differ by paper.
+  """
+  c.model.name = arg.backbone
+  if arg.backbone == 'convnet':
+    c.model.widths = (16, 32, 64)
+    c.model.convs_per_stage = 2
+    c.augment.crop_size = arg.crop or 16
+    c.eval.image_size = round(c.augment.crop_size * 1.25)
+    c.num_epochs = arg.epochs or 16.0
+    c.eval_every_steps = 500
+  else:
+    side = IMAGE_SIDE.get(arg.dataset, 224)
+    c.model.width = 64
+    c.model.small_images = side <= 64
+    c.augment.crop_size = arg.crop or side
+    c.num_epochs = arg.epochs or paper_epochs
+    c.eval_every_steps = 5000
+
+
 def _tuples(value):
   """JSON turns tuples into lists; configs (and hashable module fields) use tuples."""
   if isinstance(value, dict):

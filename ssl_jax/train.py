@@ -25,6 +25,11 @@ from ssl_jax.state import create_train_state
 from ssl_jax.train_step import make_train_step
 
 CONFIG_FILE = 'config.json'  # the run's config, written into the workdir
+# At most this many steps are dispatched ahead of the host. With many more in flight, XLA:CPU's
+# simulated devices have missed each other's collectives on a loaded machine (its all-reduce
+# rendezvous aborts after 40 s; seen from 75 steps ahead); waiting every 16 steps costs one
+# short pipeline drain per 16 steps.
+MAX_STEPS_IN_FLIGHT = 16
 
 
 def steps_per_epoch(config, num_train_examples: int) -> int:
@@ -137,6 +142,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
     state, metrics = train_step(state, images, labels)
     pending.append(metrics)
     step += 1
+    if step % MAX_STEPS_IN_FLIGHT == 0:
+      jax.block_until_ready(metrics)
     window_steps += 1
     report(step)
     if step % config.log_every_steps == 0 or step == last_step:

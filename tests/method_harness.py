@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import parallel
+from ssl_jax import optim, parallel
 from ssl_jax.data import augment
 from ssl_jax.methods import RunLength, build_method
+from ssl_jax.state import create_train_state
+from ssl_jax.train_step import make_train_step
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
@@ -122,6 +124,27 @@ def check_devices_agree(config, num_devices=8, batch_size=32, steps=(0,), rtol=2
     # Not vacuous: the gradient is not zero.
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(ref[1])) > 0
   return ref
+
+
+def trainer_steps(config, num_steps, num_devices=2):
+  """The real train step on `num_devices` devices; the states before and after each step."""
+  mesh = parallel.make_mesh(num_devices)
+  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size,
+                                          config.total_steps, 1)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  method = build_method(config, RunLength(config.total_steps, 1))
+  size = config.augment.crop_size
+  state = jax.jit(lambda r: create_train_state(method, tx, r, jnp.zeros((2, size, size, 1))),
+                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  step = make_train_step(method, tx, mesh, config.augment, schedule)
+  states, metrics = [jax.device_get(state)], []
+  for i in range(num_steps):
+    images = np.random.default_rng(i).integers(0, 256, (config.batch_size, 16, 16, 1),
+                                               np.uint8)
+    state, m = step(state, parallel.global_batch_from_host(images, mesh))
+    states.append(jax.device_get(state))  # the step donates its input: keep host copies
+    metrics.append(jax.device_get(m))
+  return states, metrics
 
 
 def train_briefly(config, workdir: str, steps: int):

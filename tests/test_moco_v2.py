@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 
 import method_harness as harness
-from ssl_jax import config_lib, optim, parallel, train
+from ssl_jax import config_lib, train
 from ssl_jax.losses.moco import queue_info_nce
-from ssl_jax.methods import RunLength, build_method
+from ssl_jax.methods import build_method
 from ssl_jax.methods.moco_v2 import apply_in_groups
-from ssl_jax.state import create_train_state
-from ssl_jax.train_step import make_train_step
 
 
 def _config(**method):
@@ -156,30 +154,9 @@ def test_shuffled_bn():
     in_groups(4, 6)
 
 
-def _trainer_steps(config, num_steps, num_devices=2):
-  """The real train step on `num_devices` devices; the states before and after each step."""
-  mesh = parallel.make_mesh(num_devices)
-  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size,
-                                          config.total_steps, 1)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  method = build_method(config, RunLength(config.total_steps, 1))
-  size = config.augment.crop_size
-  state = jax.jit(lambda r: create_train_state(method, tx, r, jnp.zeros((2, size, size, 1))),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  step = make_train_step(method, tx, mesh, config.augment, schedule)
-  states, metrics = [jax.device_get(state)], []
-  for i in range(num_steps):
-    images = np.random.default_rng(i).integers(0, 256, (config.batch_size, 16, 16, 1),
-                                               np.uint8)
-    state, m = step(state, parallel.global_batch_from_host(images, mesh))
-    states.append(jax.device_get(state))  # the step donates its input: keep host copies
-    metrics.append(jax.device_get(m))
-  return states, metrics
-
-
 def test_key_encoder_and_queue_through_the_trainer():
   config = _config(momentum=0.9)
-  states, metrics = _trainer_steps(config, 3)
+  states, metrics = harness.trainer_steps(config, 3)
   # theta_k <- m theta_k + (1 - m) theta_q after each step (eq. 2), with the new theta_q.
   for before, after, m in zip(states, states[1:], metrics):
     np.testing.assert_allclose(m['target_momentum'], 0.9)
@@ -234,17 +211,6 @@ def test_resumed_run_ends_with_identical_state(tmp_path):
                                                       jax.tree.leaves(resumed.target_params)))
 
 
-def _train_briefly(config, workdir, steps):
-  """harness.train_briefly, but back on the host every 20 steps: with 8 simulated CPU devices
-  on a loaded 2-core machine, 75 or more steps dispatched ahead (train_briefly logs every
-  steps / 4) made XLA's all-reduce rendezvous time out (40 s) and abort the process."""
-  config.total_steps = steps
-  config.checkpoint_every_steps = steps
-  config.log_every_steps = 20
-  config.eval.baselines = True
-  return train.train_and_evaluate(config, workdir)
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """200 steps at batch 64 (a fifth of an epoch), with what such a short run needs."""
@@ -261,10 +227,11 @@ def trained(tmp_path_factory):
   # The trained and random-init scores differ by a few points: 2,000 queries keep the
   # evaluation's own noise (about 1 point) below that.
   config.eval.final_bank_size, config.eval.final_test_size = 10000, 2000
-  state, results = _train_briefly(config, str(tmp_path_factory.mktemp('moco_v2')), 200)
+  state, results = harness.train_briefly(config, str(tmp_path_factory.mktemp('moco_v2')), 200)
   return config, state, results
 
 
+@pytest.mark.slow  # a real training run: `pytest -m slow` (README, Tests)
 def test_short_training_learns(trained):
   config, state, results = trained
   spread = harness.encoder_spread(config, build_method(config), state)

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import method_harness as harness
-from ssl_jax import config_lib, parallel, train
+from ssl_jax import config_lib, parallel
 from ssl_jax.losses.vicreg import vicreg_loss
 from ssl_jax.methods import build_method
 
@@ -203,13 +203,7 @@ def trained(tmp_path_factory):
   # at random init; 0.584 with the recipe's rate, 0.580 after 200 steps with both defaults.)
   config.optimizer.warmup_epochs = 0.02
   config.optimizer.base_lr = 1.0
-  # harness.train_briefly, but reading the metrics back after every step: with several
-  # steps in flight, XLA:CPU's 8 simulated devices can deadlock in a collective (seen 3 runs
-  # out of 3 here under load: 'Termination timeout for all reduce ... 40 seconds').
-  config.total_steps = config.checkpoint_every_steps = 150
-  config.log_every_steps = 1
-  config.eval.baselines = True
-  state, results = train.train_and_evaluate(config, str(tmp_path_factory.mktemp('vicreg')))
+  state, results = harness.train_briefly(config, str(tmp_path_factory.mktemp('vicreg')), 150)
   return config, state, results
 
 
