@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.grayscale_prob = 0.2
   c.augment.blur_prob = 0.5
   c.augment.blur_sigma = (0.1, 2.0)
+  c.augment.blur_kernel_size = 0      # 0 = 10 % of the crop side, made odd (SimCLR)
   c.augment.solarize_prob = 0.0
   # Per-view overrides for the global views, e.g. per_view.blur_prob = (1.0, 0.1) (BYOL).
   c.augment.per_view = ml_collections.ConfigDict()
@@ -140,8 +141,11 @@ def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float) -> N
 
   'convnet' is the CPU recipe for Fashion-MNIST chosen in configs/simclr.py: a 16-32-64
   ConvNet with two convs per stage on 16-pixel crops, evaluated at 1.25 x the crop side
-  (FixRes), 16 epochs, the kNN monitor every 500 steps. A ResNet trains at the dataset's
-  native resolution (CIFAR-style stem up to 64 pixels) for the paper's `paper_epochs`.
+  (FixRes), 16 epochs, the kNN monitor every 500 steps. At these crops Gaussian blur's kernel
+  (10 % of the side, made odd) is one pixel, so blur does nothing: SimCLR likewise drops blur
+  on 32-pixel CIFAR-10 (its App. B.9); set augment.blur_kernel_size (e.g. 3) to blur anyway.
+  A ResNet trains at the dataset's native resolution (CIFAR-style stem up to 64 pixels) for
+  the paper's `paper_epochs`.
   Batch size, warm-up and crop scale stay with each method's config: they differ by paper.
   """
   c.model.name = arg.backbone
@@ -202,6 +206,25 @@ class ConfigError(ValueError):
   """A config that cannot run; the message lists every problem and its fix."""
 
 
+def _per_view_problems(augment_config, num_global_views: int) -> list[str]:
+  """augment.per_view: known fields, one value per global view, probabilities in [0, 1]."""
+  from ssl_jax.data import augment  # imports jax, as the registries do
+  problems = []
+  for field, values in (augment_config.get('per_view') or {}).items():
+    if field not in augment.PER_VIEW_FIELDS:
+      problems.append(f'augment.per_view.{field} is not a per-view field; known: '
+                      f'{", ".join(augment.PER_VIEW_FIELDS)}.')
+      continue
+    if not isinstance(values, (tuple, list)) or len(values) != num_global_views:
+      problems.append(f'augment.per_view.{field} needs one value per global view '
+                      f'({num_global_views} for this method), got {values!r}.')
+      continue
+    if field.endswith('_prob') and not all(0 <= v <= 1 for v in values):
+      problems.append(f'augment.per_view.{field} must hold probabilities in [0, 1], '
+                      f'got {tuple(values)}.')
+  return problems
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1):
   """Checks everything that can be checked before any work starts."""
   # Imported here: the registries import jax/flax, which config files should not need.
@@ -246,6 +269,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         "or 'tfds:<dataset name>'.")
   a = config.augment
   check(a.crop_size > 0, 'augment.crop_size must be positive.')
+  check(a.blur_kernel_size == 0 or a.blur_kernel_size % 2 == 1,
+        f'augment.blur_kernel_size must be odd, or 0 for 10 % of the crop side; got '
+        f'{a.blur_kernel_size}.')
   check(0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
         f'augment.crop_scale must satisfy 0 < min <= max <= 1, got {a.crop_scale}.')
   check(0 < a.crop_ratio[0] <= a.crop_ratio[1], 'augment.crop_ratio must be 0 < min <= max.')
@@ -258,6 +284,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     method_cls = methods.method_class(config.method.name)
     if hasattr(method_cls, 'config_problems'):
       problems.extend(method_cls.config_problems(config))
+    problems.extend(_per_view_problems(a, method_cls.num_views))
   e = config.eval
   check(e.knn_k > 0, 'eval.knn_k must be positive.')
   check(e.knn_temperature > 0, 'eval.knn_temperature must be positive.')

@@ -89,6 +89,7 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
   from ssl_jax.data import pipeline, sources
   from ssl_jax.evaluation import features
   from ssl_jax.evaluation.monitor import DiagnosticsMonitor
+  from ssl_jax.methods import frozen_encoder
 
   unknown = sorted(set(evals) - set(EVALS))
   if unknown:
@@ -104,15 +105,12 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
   num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
   monitor = DiagnosticsMonitor.from_config(config)
 
-  def encoder(state):
-    return lambda x: model.method.encode(state.params, state.batch_stats, x)
-
   def raw_pixels(x):
     return x.reshape(x.shape[0], -1)
 
-  encoders = {'trained encoder': encoder(model.state)}
+  encoders = {'trained encoder': frozen_encoder(model.method, model.state)}
   if baselines:
-    encoders['random-init encoder'] = encoder(model.initial_state())
+    encoders['random-init encoder'] = frozen_encoder(model.method, model.initial_state())
     encoders['raw pixels'] = raw_pixels
 
   rows, trained_test_features = {}, None

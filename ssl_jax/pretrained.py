@@ -20,6 +20,7 @@ import jax
 import ml_collections
 
 from ssl_jax import checkpoint, config_lib
+from ssl_jax.methods import frozen_encoder
 
 
 @dataclasses.dataclass
@@ -33,7 +34,7 @@ class Pretrained:
   def encode(self, images):
     """Frozen-encoder features [B, D] (no projection head, inference BatchNorm) of float
     images in [0, 1] at the evaluation resolution (`config.eval.image_size`, if set)."""
-    return self.method.encode(self.state.params, self.state.batch_stats, images)
+    return frozen_encoder(self.method, self.state)(images)
 
   def initial_state(self):
     """The same networks at their random initialisation (the run's seed): the baseline the

@@ -20,7 +20,7 @@ from ssl_jax.data import pipeline, sources
 from ssl_jax.evaluation.history import DiagnosticsHistory
 from ssl_jax.evaluation.monitor import DiagnosticsMonitor, KnnEvaluator
 from ssl_jax.evaluation.online_probe import OnlineProbe
-from ssl_jax.methods import RunLength, build_method
+from ssl_jax.methods import RunLength, build_method, frozen_encoder
 from ssl_jax.state import create_train_state
 from ssl_jax.train_step import make_train_step
 
@@ -42,11 +42,6 @@ def schedule_steps(config, num_train_examples: int) -> tuple[int, int]:
   total = config.total_steps or math.ceil(config.num_epochs * per_epoch)
   warmup = min(round(config.optimizer.warmup_epochs * per_epoch), total)
   return total, warmup
-
-
-def _encoder(method, state):
-  """The frozen encoder of `state` as a function of float images."""
-  return lambda images: method.encode(state.params, state.batch_stats, images)
 
 
 def _sample_images(config, source):
@@ -162,9 +157,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
     if monitor is not None and step % config.eval_every_steps == 0:
       eval_start = time.monotonic()
       with report.timed('eval'):
-        writer.write_scalars(step, {'knn_top1': monitor.score_encoder(_encoder(method, state))})
+        encode_fn = frozen_encoder(method, state)
+        writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode_fn)})
         if observer is not None:
-          observer(step, _encoder(method, state))
+          observer(step, encode_fn)
       window_start += time.monotonic() - eval_start  # images/s counts training time only
     if step % config.checkpoint_every_steps == 0 or step == last_step:
       ckpt.save(step, state, iterator)
@@ -177,7 +173,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
     initial = setup.init_fn(jax.random.PRNGKey(config.seed)) if config.eval.baselines else None
     results.update(final_evaluation(config, method, state, initial))
     if observer is not None:
-      results.update(observer(step, _encoder(method, state), final=True))
+      results.update(observer(step, frozen_encoder(method, state), final=True))
     # The observer wrote its diagnostics/ scalars already.
     writer.write_scalars(step, {f'final/{k}': v for k, v in results.items()
                                 if k != 'step' and not k.startswith('diagnostics/')})
@@ -228,8 +224,9 @@ def final_evaluation(config, method, state, initial_state=None) -> dict:
   """kNN top-1 on the full evaluation split, with the raw-pixel and random-init baselines."""
   evaluator = KnnEvaluator.from_config(config, config.eval.final_bank_size or None,
                                        config.eval.final_test_size or None)
-  results = {'knn_top1': evaluator.score_encoder(_encoder(method, state))}
+  results = {'knn_top1': evaluator.score_encoder(frozen_encoder(method, state))}
   if initial_state is not None:
-    results['knn_top1_random_init'] = evaluator.score_encoder(_encoder(method, initial_state))
+    results['knn_top1_random_init'] = evaluator.score_encoder(
+        frozen_encoder(method, initial_state))
     results['knn_top1_raw_pixels'] = evaluator.score_raw_pixels()
   return results

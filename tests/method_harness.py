@@ -44,6 +44,7 @@ def shrink(config, batch_size: int = 32, crop: int = 12):
   config.eval.final_bank_size = 500
   config.eval.final_test_size = 100
   config.eval.baselines = False
+  config.eval.diagnostics = config.eval.plots = False  # tests that check them turn them on
   return config
 
 

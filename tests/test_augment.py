@@ -462,3 +462,19 @@ def test_default_config_matches_simclr():
   assert (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue) == pytest.approx(
       (0.8, 0.8, 0.8, 0.2))
   assert tuple(cfg.blur_sigma) == (0.1, 2.0)
+
+
+def test_blur_is_a_no_op_at_16_pixels_unless_a_kernel_size_is_set():
+  """The ConvNet recipes' 16-pixel crops get SimCLR's 10 % kernel, one pixel: no blur, as
+  config_lib.set_backbone documents; augment.blur_kernel_size turns it back on."""
+  image = rand_image((28, 28, 3))
+
+  def view(**overrides):
+    cfg = small_cfg(blur_prob=1.0, jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0)
+    cfg.update(overrides)
+    return np.asarray(jax.jit(lambda k, x: A.simclr_view(k, x, cfg))(KEY, image))
+
+  no_blur = view(blur_prob=0.0)
+  np.testing.assert_array_equal(view(), no_blur)
+  np.testing.assert_array_equal(view(blur_kernel_size=0), no_blur)
+  assert np.abs(view(blur_kernel_size=3) - no_blur).max() > 1e-2

@@ -65,6 +65,20 @@ def test_all_problems_are_reported_together():
   assert "model.name='resnet1000'" in message
 
 
+def test_bad_per_view_augmentation_is_reported_before_the_run():
+  c = _load('byol').get_config()  # per_view.blur_prob = (1.0, 0.1): valid as shipped
+  config_lib.validate(c, num_devices=1)
+  c.augment.per_view.blur_prob = (1.0, 0.1, 0.5)
+  c.augment.per_view.solarize_prob = (0.0, 1.2)
+  c.augment.per_view.crop_size = (16, 16)
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(c, num_devices=1)
+  message = str(info.value)
+  assert 'augment.per_view.blur_prob needs one value per global view (2 for this method)' in message
+  assert 'augment.per_view.solarize_prob must hold probabilities in [0, 1]' in message
+  assert 'augment.per_view.crop_size is not a per-view field' in message
+
+
 def test_unknown_dataset_is_reported():
   c = _load('simclr').get_config('dataset=mnist')
   with pytest.raises(config_lib.ConfigError, match="tfds:<dataset name>"):

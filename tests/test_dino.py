@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 import method_harness as mh
 from ssl_jax import config_lib, optim, parallel, train
 from ssl_jax.losses import dino as dino_loss
-from ssl_jax.methods import RunLength, build_method
+from ssl_jax.methods import RunLength, build_method, frozen_encoder
 from ssl_jax.models.dino_head import DINOHead
-from ssl_jax.state import create_train_state
+from ssl_jax.state import TrainState, create_train_state
 from ssl_jax.train_step import make_train_step
 
 BATCH = 32
@@ -202,7 +202,7 @@ def test_loss_and_centre_over_steps_match_the_authors():
   center = np.zeros(m.output_dim)
   for step in range(4):
     views = mh.make_views(config, method, BATCH, seed=step)
-    (loss, (metrics, _, new_state)), grads = jax.device_get(
+    (loss, (metrics, student_stats, new_state)), grads = jax.device_get(
         step_fn(params, state, views, jnp.asarray(step, jnp.int32)))
     teacher = np.split(outputs(target, [views[:2]]), 2)  # the global crops only
     student = np.split(outputs(params, [views[:2], views[2:]]), 4)
@@ -213,6 +213,15 @@ def test_loss_and_centre_over_steps_match_the_authors():
     center = 0.9 * center + 0.1 * np.concatenate(teacher).mean(axis=0)
     np.testing.assert_allclose(new_state['center'], center, rtol=1e-5, atol=1e-6,
                                err_msg=f'step {step}')
+    # The teacher's own BN running statistics move with its pass over the global crops
+    # (synchronised over the 8 devices); the student's also saw the local crops.
+    _, expected_stats = net.encoder.apply(
+        {'params': target['encoder'], 'batch_stats': state['teacher_batch_stats']['encoder']},
+        jnp.concatenate(views[:2]), train=True, mutable=['batch_stats'])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 new_state['teacher_batch_stats']['encoder'], expected_stats['batch_stats'])
+    assert max(float(np.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(new_state['teacher_batch_stats']), jax.tree.leaves(student_stats))) > 1e-4
     # The last layer is frozen for freeze_last_layer_epochs = 1 epoch (step 0).
     last = np.abs(grads['head']['last_layer']['kernel']).max()
     assert (last == 0.0) if step == 0 else (last > 1e-6), (step, last)
@@ -220,6 +229,23 @@ def test_loss_and_centre_over_steps_match_the_authors():
     state = new_state
   # Not vacuous: the centre moved away from zero and differs between dimensions.
   assert np.ptp(center) > 1e-3
+
+
+def test_evaluation_scores_the_teacher():
+  """As the paper: kNN, diagnostics and `pretrained` encode with the teacher's parameters and
+  running statistics, not the student's."""
+  config = _config()
+  method, params, batch_stats, target, state = mh.init_method(config)
+  target = jax.tree.map(lambda p, k: p + 0.05 * jax.random.normal(k, p.shape),
+                        target, _keys_like(target))
+  state['teacher_batch_stats'] = jax.tree.map(lambda s: s + 0.5, batch_stats)
+  train_state = TrainState(step=0, params=params, batch_stats=batch_stats, opt_state=(),
+                           target_params=target, method_state=state, rng=None)
+  images = mh.make_views(config, method, 8)[0]
+  features = frozen_encoder(method, train_state)(images)
+  np.testing.assert_array_equal(
+      features, method.encode(target, state['teacher_batch_stats'], images))
+  assert np.abs(features - method.encode(params, batch_stats, images)).max() > 1e-3
 
 
 def _keys_like(tree):

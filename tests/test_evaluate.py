@@ -27,6 +27,7 @@ def trained_workdir(tmp_path_factory):
   config = make_tiny_config()
   config.eval_every_steps = 2
   config.eval.periodic_bank_size, config.eval.periodic_test_size = 300, 100
+  config.eval.diagnostics = config.eval.plots = True
   config.eval.diagnostics_size = 200
   workdir = str(tmp_path_factory.mktemp('run'))
   train.train_and_evaluate(config, workdir, stop_at_step=2)

@@ -24,4 +24,5 @@ def make_tiny_config():
   c.eval.final_bank_size = 500
   c.eval.final_test_size = 100
   c.eval.baselines = False
+  c.eval.diagnostics = c.eval.plots = False  # tests that check them turn them on
   return c

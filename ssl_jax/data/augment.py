@@ -372,7 +372,7 @@ def simclr_view(key: Array, image: Array, cfg: Any) -> Array:
   """One SimCLR view: crop -> flip -> colour jitter -> grayscale -> blur -> solarize.
 
   `cfg` is read by attribute and must hold Python values (it is static under jit). Optional
-  attributes: `blur_kernel_size` (default ~10% of crop_size) and `solarize_threshold` (0.5).
+  attributes: `blur_kernel_size` (0 or absent: ~10% of crop_size) and `solarize_threshold` (0.5).
   """
   k_crop, k_flip, k_jitter, k_gray, k_blur, k_solar = jax.random.split(key, 6)
   size = (cfg.crop_size, cfg.crop_size)
@@ -382,7 +382,7 @@ def simclr_view(key: Array, image: Array, cfg: Any) -> Array:
                        cfg.jitter_prob)
   image = random_grayscale(k_gray, image, cfg.grayscale_prob)
   image = gaussian_blur(k_blur, image, cfg.blur_prob, tuple(cfg.blur_sigma),
-                        getattr(cfg, 'blur_kernel_size', None))
+                        getattr(cfg, 'blur_kernel_size', None) or None)
   return solarize(k_solar, image, cfg.solarize_prob, getattr(cfg, 'solarize_threshold', 0.5))
 
 

@@ -33,6 +33,17 @@ def method_class(name: str):
   return getattr(importlib.import_module(module), cls)
 
 
+def frozen_encoder(method, state):
+  """The encoder that evaluation scores, as a function of float images: `method.encode` on
+  the online networks of the TrainState `state`, or on the networks that the method's
+  `evaluation_variables` names (DINO evaluates its teacher, as the paper does)."""
+  params, batch_stats = state.params, state.batch_stats
+  if hasattr(method, 'evaluation_variables'):
+    params, batch_stats = method.evaluation_variables(params, batch_stats, state.target_params,
+                                                      state.method_state)
+  return lambda images: method.encode(params, batch_stats, images)
+
+
 def build_method(config, run_length: RunLength | None = None):
   """The method of `config`; `run_length` defaults to `config.total_steps` one-step epochs."""
   if run_length is None:

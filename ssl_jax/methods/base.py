@@ -56,4 +56,7 @@ class Method(Protocol):
   #     online through optax.incremental_update after each optimizer step;
   #   after_update(params) -> params: a projection applied after each optimizer step (SwAV
   #     normalises its prototypes);
+  #   evaluation_variables(params, batch_stats, target_params, method_state)
+  #     -> (params, batch_stats): the networks that evaluation passes to `encode`, when the
+  #     paper evaluates another network than the online one (DINO: the teacher);
   #   config_problems(config) -> list[str] (a classmethod): config errors, each naming its fix.

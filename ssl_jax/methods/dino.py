@@ -7,7 +7,8 @@ with momentum raised from 0.996 to 1 on a cosine schedule.
 As in the reference implementation:
   * crops of one resolution go through the encoder together (the global crops, then the
     local crops), and the head sees all crops as one batch; the teacher sees only the global
-    crops, in BatchNorm training mode (its running statistics are discarded);
+    crops, in BatchNorm training mode, and keeps running statistics of its own
+    (`method_state['teacher_batch_stats']`), which only its evaluation uses;
   * the centre c (`method_state['center']`, eq. 4) is updated after the loss with the
     teacher's outputs of this step: c <- m c + (1 - m) mean over the global batch;
   * the teacher temperature warms up linearly from `teacher_temperature_start` to
@@ -15,9 +16,10 @@ As in the reference implementation:
     constant within each epoch), then stays there;
   * the head's last layer gets no gradient during the first `freeze_last_layer_epochs`.
 
-`encode` returns the student's backbone features; the paper evaluates the teacher's (App. D
-finds the teacher better throughout training), which the method interface does not expose
-(the trainer evaluates `encode(params, ...)`).
+Evaluation (kNN, diagnostics, `ssl_jax.evaluate`, `ssl_jax.pretrained`) scores the teacher's
+backbone, as the paper does (its App. D finds the teacher better throughout training);
+`evaluation_variables` names it. The online linear probe, trained inside the step, reads the
+student.
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class DINO:
   def init(self, rng, images):
     variables = self.network().init(rng, images, train=False)
     center = jnp.zeros((self.config.method.output_dim,), jnp.float32)
-    return variables['params'], variables.get('batch_stats', {}), {'center': center}
+    batch_stats = variables.get('batch_stats', {})
+    return variables['params'], batch_stats, {
+        'center': center, 'teacher_batch_stats': jax.tree.map(jnp.copy, batch_stats)}
 
   def init_target(self, params):
     # The teacher starts as a copy of the student (Sec. 3.1).
@@ -129,8 +133,9 @@ class DINO:
     student, updates = network.apply({'params': params, 'batch_stats': batch_stats},
                                      global_crops, local_crops, train=True,
                                      mutable=['batch_stats'])
-    teacher, _ = network.apply({'params': target_params, 'batch_stats': batch_stats},
-                               global_crops, train=True, mutable=['batch_stats'])
+    teacher, teacher_updates = network.apply(
+        {'params': target_params, 'batch_stats': method_state['teacher_batch_stats']},
+        global_crops, train=True, mutable=['batch_stats'])
     teacher = jax.lax.stop_gradient(teacher)
     student = [student[v * n:(v + 1) * n] for v in range(len(views))]
     teacher = [teacher[v * n:(v + 1) * n] for v in range(g)]
@@ -141,7 +146,12 @@ class DINO:
                                                 m.student_temperature, tau_t, axis_name)
     new_center = dino_loss.update_center(center, teacher, m.center_momentum, axis_name)
     metrics = dict(metrics, teacher_temperature=tau_t)
-    return loss, (metrics, updates['batch_stats'], {'center': new_center})
+    return loss, (metrics, updates['batch_stats'],
+                  {'center': new_center, 'teacher_batch_stats': teacher_updates['batch_stats']})
+
+  def evaluation_variables(self, params, batch_stats, target_params, method_state):
+    del params, batch_stats  # the student's
+    return target_params, method_state['teacher_batch_stats']
 
   def encode(self, params, batch_stats, images):
     return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
