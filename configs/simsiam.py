@@ -57,6 +57,10 @@ def get_config(arg=None):
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 512
     c.method.predictor_hidden_dim = 128
+    # solo-learn's CIFAR values; 4 epochs (README table): kNN 0.715 with the paper's lr 0.05
+    # and wd 1e-4, 0.783 with these (random init 0.769).
+    c.optimizer.base_lr = 0.5
+    c.optimizer.weight_decay = 1e-5
   else:
     c.batch_size = arg.batch or 512
   return c
