@@ -1,6 +1,6 @@
 """Every method under the same CPU budget: kNN top-1 on the Fashion-MNIST test split.
 
-  python benchmarks/method_table.py [--epochs=2] [--methods=simclr,byol,...] \
+  python benchmarks/method_table.py [--epochs=4] [--methods=simclr,byol,...] \
       [--root=workdirs/method_table]
 
 Trains each method's default config (the Fashion-MNIST CPU recipe: the same ConvNet, crops
@@ -28,7 +28,7 @@ DEFAULT_METHODS = ('simclr', 'simclr_debiased', 'simclr_hard_negatives', 'moco_v
                    'byol', 'simsiam', 'swav', 'dino', 'barlow_twins', 'vicreg', 'nnclr',
                    'adco', 'triplet')
 flags.DEFINE_list('methods', list(DEFAULT_METHODS), 'Configs (configs/<name>.py) to run.')
-flags.DEFINE_float('epochs', 2.0, 'Training epochs for every method.')
+flags.DEFINE_float('epochs', 4.0, 'Training epochs for every method.')
 flags.DEFINE_string('root', os.path.join(ROOT, 'workdirs', 'method_table'),
                     'Parent directory of the workdirs.')
 
