@@ -44,27 +44,16 @@ MATMUL_SIZE = 2048
 
 
 def build_step(config, mesh):
-  """(train_step, state): the jitted step and a replicated initial state, as the trainer
-  builds them. The schedule's values do not change the step's cost, so its length is nominal."""
-  import jax
-  from ssl_jax import optim, parallel
+  """(train_step, state): the jitted step and a replicated initial state, built by the
+  trainer's builder. The data set is not read: its size only sets the schedule's length,
+  whose values do not change the step's cost."""
+  from ssl_jax import experiment
   from ssl_jax.data import sources
-  from ssl_jax.methods import build_method
-  from ssl_jax.state import create_train_state
-  from ssl_jax.train_step import make_train_step
 
-  total_steps = config.total_steps or 10_000
-  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, total_steps,
-                                          warmup_steps=total_steps // 10)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  method = build_method(config)
-  channels = sources.source_info(config.data.name).image_shape[-1]
-  size = config.augment.crop_size
-  sample = jax.numpy.zeros((2, size, size, channels), jax.numpy.float32)  # as train.py does
-  init_fn = jax.jit(lambda rng: create_train_state(method, tx, rng, sample),
-                    out_shardings=parallel.replicated(mesh))
-  state = init_fn(jax.random.PRNGKey(config.seed))
-  return make_train_step(method, tx, mesh, config.augment, schedule), state
+  info = sources.source_info(config.data.name)
+  built = experiment.build(config, num_train_examples=config.batch_size * 1000,
+                           image_channels=info.image_shape[-1], mesh=mesh)
+  return built.make_train_step(), built.init_state()
 
 
 def synthetic_batch(config, mesh):

@@ -20,23 +20,18 @@ crops, evaluation at 20 pixels, LARS with linear scaling, 16 epochs), with a ban
 momentum 0.99, which suits a run of a few thousand steps as 0.999 suits MoCo's 1M.
 """
 
-from ssl_jax import config_lib
+from ssl_jax.configs import common
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, backbone='convnet', batch=256, epochs=0.0,
-                             dataset='fashion_mnist', crop=0)
-  c = config_lib.base_config()
-  c.batch_size = arg.batch
-  c.data.name = arg.dataset
-
-  c.method.name = 'adco'
+  arg = common.parse_arg(arg)
+  c = common.method_config(arg, 'adco')
   c.method.temperature = 0.12            # encoder's softmax temperature (moco_t)
   c.method.memory_temperature = 0.02     # the adversary's temperature (mem_t)
   c.method.memory_lr = 3.0
   c.method.memory_momentum = 0.9
   c.method.memory_weight_decay = 1e-4
-  c.method.bank_size = 65536
+  c.method.queue_size = 65536            # the bank of adversarial negatives
   c.method.init_bank_from_keys = True
   c.method.target_momentum = 0.999
   c.method.symmetric = True
@@ -50,16 +45,13 @@ def get_config(arg=None):
   c.optimizer.lr_scaling = 'linear'
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 1e-4
-  c.optimizer.warmup_epochs = 0.0
 
-  config_lib.set_backbone(c, arg, paper_epochs=200.0)
+  common.set_backbone(c, arg, paper_epochs=200.0, resnet_batch=256, resnet_warmup_epochs=0.0)
   if arg.backbone == 'convnet':
     c.method.projector_hidden_dim = 512
-    c.method.bank_size = 4096
+    c.method.queue_size = 4096
     c.method.target_momentum = 0.99
-    c.augment.crop_scale = (0.2, 1.0)
     c.optimizer.name = 'lars'
     c.optimizer.base_lr = 0.3
     c.optimizer.weight_decay = 1e-6
-    c.optimizer.warmup_epochs = 1.0
   return c

@@ -26,28 +26,24 @@ The default is the CPU recipe for Fashion-MNIST, on the ConvNet and crops of con
 below for what was changed and why.
 """
 
-from ssl_jax import config_lib
+from ssl_jax.configs import common
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
-                             dataset='fashion_mnist', crop=0)
-  c = config_lib.base_config()
-  c.data.name = arg.dataset
-
+  arg = common.parse_arg(arg)
+  c = common.method_config(arg, 'dino')
   m = c.method
-  m.name = 'dino'
-  m.output_dim = 65536
-  m.head_hidden_dim = 2048
-  m.bottleneck_dim = 256
-  m.head_num_layers = 3
+  m.num_prototypes = 65536      # K, the head's output dimension
+  m.projector_hidden_dim = 2048
+  m.projector_output_dim = 256  # the head's bottleneck
+  m.projector_num_layers = 3
   m.norm_last_layer = True
   m.student_temperature = 0.1
   m.teacher_temperature_start = 0.04
   m.teacher_temperature = 0.07
   m.teacher_warmup_epochs = 30.0
   m.center_momentum = 0.9
-  m.teacher_momentum_base = 0.996
+  m.target_momentum = 0.996
   m.freeze_last_layer_epochs = 1.0
 
   c.optimizer.name = 'adamw'
@@ -58,27 +54,18 @@ def get_config(arg=None):
   c.optimizer.b2 = 0.999
 
   a = c.augment
+  common.byol_augmentation(a)
   a.crop_scale = (0.14, 1.0)
-  a.brightness, a.contrast, a.saturation, a.hue = 0.4, 0.4, 0.2, 0.1
-  a.jitter_prob = 0.8
-  a.grayscale_prob = 0.2
   a.blur_prob = 0.5             # the local crops'
-  a.blur_sigma = (0.1, 2.0)
-  a.per_view.blur_prob = (1.0, 0.1)
-  a.per_view.solarize_prob = (0.0, 0.2)
   a.num_local_crops = 8
   a.local_crop_size = 0         # crop_size * 96 / 224
   a.local_crop_scale = (0.05, 0.14)
 
-  config_lib.set_backbone(c, arg, paper_epochs=100.0)
+  # The global crops keep their scale (0.14, 1): the local crops take (0.05, 0.14).
+  common.set_backbone(c, arg, paper_epochs=100.0, resnet_batch=1024, cpu_crop_scale=None)
   if arg.backbone == 'convnet':
-    c.batch_size = arg.batch or 256
-    m.head_hidden_dim = 512
-    m.bottleneck_dim = 128
-    m.output_dim = 4096
-    c.optimizer.warmup_epochs = 1.0
+    m.projector_hidden_dim = 512
+    m.projector_output_dim = 128
+    m.num_prototypes = 4096
     m.teacher_warmup_epochs = 4.0
-  else:
-    c.batch_size = arg.batch or 1024
-    c.optimizer.warmup_epochs = 10.0
   return c

@@ -26,20 +26,15 @@ with m = 0.9 a short run collapsed while its contrastive accuracy rose to 0.95
 (`ssl_jax/methods/moco_v2.py` says why).
 """
 
-from ssl_jax import config_lib
+from ssl_jax.configs import common
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, backbone='convnet', batch=256, epochs=0.0,
-                             dataset='fashion_mnist', crop=0, symmetric=False)
-  c = config_lib.base_config()
-  c.batch_size = arg.batch
-  c.data.name = arg.dataset
-
-  c.method.name = 'moco_v2'
+  arg = common.parse_arg(arg, symmetric=False)
+  c = common.method_config(arg, 'moco_v2')
   c.method.temperature = 0.2
   c.method.queue_size = 65536
-  c.method.momentum = 0.999
+  c.method.target_momentum = 0.999
   c.method.projector_hidden_dim = 2048
   c.method.projector_output_dim = 128
   c.method.symmetric = arg.symmetric
@@ -53,7 +48,6 @@ def get_config(arg=None):
   c.optimizer.lr_scaling = 'linear'
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 1e-4
-  c.optimizer.warmup_epochs = 0.0
 
   a = c.augment
   a.crop_scale = (0.2, 1.0)
@@ -62,14 +56,13 @@ def get_config(arg=None):
   a.grayscale_prob = 0.2
   a.blur_prob = 0.5
 
-  config_lib.set_backbone(c, arg, paper_epochs=200.0)
+  common.set_backbone(c, arg, paper_epochs=200.0, resnet_batch=256, resnet_warmup_epochs=0.0)
   if arg.backbone == 'convnet':
     a.brightness, a.contrast = 0.8, 0.8  # SimCLR's strength: better here (README)
     c.method.queue_size = 4096
-    c.method.momentum = 0.99
+    c.method.target_momentum = 0.99
     c.method.projector_hidden_dim = 512
     c.optimizer.name = 'lars'
     c.optimizer.base_lr = 0.3
     c.optimizer.weight_decay = 1e-6
-    c.optimizer.warmup_epochs = 1.0
   return c

@@ -19,17 +19,12 @@ with 512-wide heads and a support set of 4096 (16 batches, like configs/moco_v2.
 Not measured on its own: the README's numbers are SimCLR's.
 """
 
-from ssl_jax import config_lib
+from ssl_jax.configs import common
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
-                             dataset='fashion_mnist', crop=0)
-  c = config_lib.base_config()
-  c.batch_size = arg.batch or 4096
-  c.data.name = arg.dataset
-
-  c.method.name = 'nnclr'
+  arg = common.parse_arg(arg)
+  c = common.method_config(arg, 'nnclr')
   c.method.temperature = 0.1
   c.method.queue_size = 98304
   c.method.projector_hidden_dim = 2048
@@ -42,22 +37,12 @@ def get_config(arg=None):
   c.optimizer.base_lr = 0.3
   c.optimizer.lr_scaling = 'linear'
   c.optimizer.weight_decay = 1e-6
-  c.optimizer.warmup_epochs = 10.0
 
-  a = c.augment
-  a.brightness, a.contrast, a.saturation, a.hue = 0.4, 0.4, 0.2, 0.1
-  a.jitter_prob = 0.8
-  a.grayscale_prob = 0.2
-  a.per_view.blur_prob = (1.0, 0.1)
-  a.per_view.solarize_prob = (0.0, 0.2)
-
-  config_lib.set_backbone(c, arg, paper_epochs=1000.0)
+  common.byol_augmentation(c.augment)
+  common.set_backbone(c, arg, paper_epochs=1000.0, resnet_batch=4096)
   if arg.backbone == 'convnet':
-    c.batch_size = arg.batch or 256
-    c.augment.crop_scale = (0.2, 1.0)  # 0.08 leaves blank patches of these centred objects
     c.method.queue_size = 4096
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 128
     c.method.predictor_hidden_dim = 512
-    c.optimizer.warmup_epochs = 1.0
   return c

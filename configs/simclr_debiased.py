@@ -16,22 +16,11 @@ paper keeps it constant) and AdamW's decoupled weight decay stands in for Adam's
 (the same at 1e-6).
 """
 
-import importlib.util
-import os
-
-from ssl_jax import config_lib
-
-
-def _simclr_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      'simclr_config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'simclr.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from ssl_jax.configs import common, simclr
 
 
 def get_config(arg=None):
-  c = _simclr_config(arg)
+  c = simclr.get_config(arg)
   c.method.negatives = 'debiased'
   c.method.tau_plus = 0.1
   c.method.beta = 0.0
@@ -44,8 +33,5 @@ def get_config(arg=None):
     c.optimizer.lr_scaling = 'none'
     c.optimizer.weight_decay = 1e-6
     c.optimizer.warmup_epochs = 0.0
-    # configs/simclr.py's arguments, to tell an explicit epochs= from its default.
-    epochs = config_lib.parse_arg(arg, backbone='', batch=0, epochs=0.0, dataset='',
-                                  crop=0).epochs
-    c.num_epochs = epochs or 400.0
+    c.num_epochs = common.parse_arg(arg).epochs or 400.0
   return c

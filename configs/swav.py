@@ -13,7 +13,7 @@ authors' swav_800ep_pretrain.sh): batch 4096, 800 epochs, LARS with lr 4.8 (0.3 
 prototypes frozen for the first 313 iterations, Sinkhorn with epsilon 0.05 and 3 iterations,
 temperature 0.1, multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.14), SimCLR's
 colour distortion and blur. No queue at this batch size; the authors' batch-256 recipe adds
-`--config.method.queue_length=3840 --config.method.queue_start_epoch=15` with lr 0.6 and
+`--config.method.queue_size=3840 --config.method.queue_start_epoch=15` with lr 0.6 and
 5005 frozen-prototype iterations. Two details of the paper's schedule need trainer options
 this repo's optimizer does not have: its warm-up starts at lr 0.3 and its cosine ends at
 lr 0.0048 rather than 0.
@@ -23,17 +23,13 @@ The default is the CPU recipe for Fashion-MNIST, on the ConvNet and crops of con
 below for what was changed and why.
 """
 
-from ssl_jax import config_lib
+from ssl_jax.configs import common
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
-                             dataset='fashion_mnist', crop=0)
-  c = config_lib.base_config()
-  c.data.name = arg.dataset
-
+  arg = common.parse_arg(arg)
+  c = common.method_config(arg, 'swav')
   m = c.method
-  m.name = 'swav'
   m.projector_hidden_dim = 2048
   m.projector_output_dim = 128
   m.num_prototypes = 3000
@@ -41,7 +37,7 @@ def get_config(arg=None):
   m.epsilon = 0.05
   m.sinkhorn_iterations = 3
   m.freeze_prototypes_steps = 313
-  m.queue_length = 0            # global rows; 0 = no queue
+  m.queue_size = 0              # global rows; 0 = no queue
   m.queue_start_epoch = 15.0
 
   c.optimizer.name = 'lars'
@@ -55,9 +51,9 @@ def get_config(arg=None):
   a.local_crop_size = 0         # crop_size * 96 / 224
   a.local_crop_scale = (0.05, 0.14)
 
-  config_lib.set_backbone(c, arg, paper_epochs=800.0)
+  # The global crops keep their scale (0.14, 1): the local crops take (0.05, 0.14).
+  common.set_backbone(c, arg, paper_epochs=800.0, resnet_batch=4096, cpu_crop_scale=None)
   if arg.backbone == 'convnet':
-    c.batch_size = arg.batch or 256
     m.projector_hidden_dim = 512
     # Fashion-MNIST has 10 classes; a few dozen prototypes per class, as the paper's 3000
     # for ImageNet's 1000, and fewer than the 256 images of a batch, so equipartition over a
@@ -65,8 +61,4 @@ def get_config(arg=None):
     m.num_prototypes = 100
     # One epoch of frozen prototypes, as 313 iterations are for the paper's batch 4096.
     m.freeze_prototypes_steps = 234
-    c.optimizer.warmup_epochs = 1.0
-  else:
-    c.batch_size = arg.batch or 4096
-    c.optimizer.warmup_epochs = 10.0
   return c

@@ -18,17 +18,12 @@ CPU recipe by default (ConvNet, 16-pixel crops, evaluation at 20 pixels, 16 epoc
 ImageNet recipe with a ResNet backbone.
 """
 
-from ssl_jax import config_lib
+from ssl_jax.configs import common
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, backbone='convnet', batch=256, epochs=0.0,
-                             dataset='fashion_mnist', crop=0)
-  c = config_lib.base_config()
-  c.batch_size = arg.batch
-  c.data.name = arg.dataset
-
-  c.method.name = 'triplet'
+  arg = common.parse_arg(arg)
+  c = common.method_config(arg, 'triplet')
   c.method.margin = 0.2
   c.method.fallback = 'easiest'   # or 'hardest': the closest negative
   c.method.projector_hidden_dim = 2048
@@ -41,11 +36,7 @@ def get_config(arg=None):
   c.optimizer.lr_scaling = 'linear'
   c.optimizer.weight_decay = 1e-6
 
-  config_lib.set_backbone(c, arg, paper_epochs=100.0)
+  common.set_backbone(c, arg, paper_epochs=100.0, resnet_batch=256)
   if arg.backbone == 'convnet':
     c.method.projector_hidden_dim = 512
-    c.augment.crop_scale = (0.2, 1.0)
-    c.optimizer.warmup_epochs = 1.0
-  else:
-    c.optimizer.warmup_epochs = 10.0
   return c

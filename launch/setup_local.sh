@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Skip the (slow) resolver when the project is already installed at this revision.
 stamp=.venv/.ssl_jax-installed
-if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[tf,test]'
   touch "$stamp"

@@ -21,15 +21,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return result
   for item in arg.split(','):
     if '=' not in item:
-      raise ValueError(f'Config argument {item!r} is not key=value; known keys: '
-                       f'{sorted(defaults)}.')
+      raise ConfigError(f'Config argument {item!r} is not key=value; known keys: '
+                        f'{sorted(defaults)}.')
     key, value = (s.strip() for s in item.split('=', 1))
     if key not in defaults:
-      raise ValueError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
+      raise ConfigError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
     default = defaults[key]
     if isinstance(default, bool):
       if value.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'Config argument {key} must be true or false, got {value!r}.')
+        raise ConfigError(f'Config argument {key} must be true or false, got {value!r}.')
       result[key] = value.lower() in ('true', '1')
     else:
       result[key] = type(default)(value)
@@ -112,6 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.final_bank_size = 0          # 0 = the whole split, for the final evaluation
   c.eval.final_test_size = 0
   c.eval.baselines = True             # also score raw pixels and the random-init encoder
+  # The random-init encoder is scored with its BatchNorm statistics replaced by the exact
+  # mean/variance of each layer's input (training mode) over this many batches of
+  # eval.batch_size training images, preprocessed as for evaluation; its initial statistics
+  # (0, 1) make its score swing with the seed. 0 keeps them. The trained encoder keeps its own.
+  c.eval.bn_refresh_batches = 20
   # A linear classifier trained during pre-training on the frozen features of the first view
   # (labels reach only the classifier); costs one inference forward pass per step.
   c.eval.online_probe = False
@@ -128,41 +133,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.collapse_min_std_fraction = 0.05
   c.eval.plots = True
   return c
-
-
-# Native image side per dataset, for ResNet runs (which train at full resolution).
-IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-              'tfds:stl10': 96, 'tfds:imagenet2012': 224}
-
-
-def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float) -> None:
-  """The backbone fields every method config shares, from its `backbone`, `dataset`, `crop`
-  and `epochs` arguments.
-
-  'convnet' is the CPU recipe for Fashion-MNIST chosen in configs/simclr.py: a 16-32-64
-  ConvNet with two convs per stage on 16-pixel crops, evaluated at 1.25 x the crop side
-  (FixRes), 16 epochs, the kNN monitor every 500 steps. At these crops Gaussian blur's kernel
-  (10 % of the side, made odd) is one pixel, so blur does nothing: SimCLR likewise drops blur
-  on 32-pixel CIFAR-10 (its App. B.9); set augment.blur_kernel_size (e.g. 3) to blur anyway.
-  A ResNet trains at the dataset's native resolution (CIFAR-style stem up to 64 pixels) for
-  the paper's `paper_epochs`.
-  Batch size, warm-up and crop scale stay with each method's config: they differ by paper.
-  """
-  c.model.name = arg.backbone
-  if arg.backbone == 'convnet':
-    c.model.widths = (16, 32, 64)
-    c.model.convs_per_stage = 2
-    c.augment.crop_size = arg.crop or 16
-    c.eval.image_size = round(c.augment.crop_size * 1.25)
-    c.num_epochs = arg.epochs or 16.0
-    c.eval_every_steps = 500
-  else:
-    side = IMAGE_SIDE.get(arg.dataset, 224)
-    c.model.width = 64
-    c.model.small_images = side <= 64
-    c.augment.crop_size = arg.crop or side
-    c.num_epochs = arg.epochs or paper_epochs
-    c.eval_every_steps = 5000
 
 
 def _tuples(value):
@@ -225,6 +195,23 @@ def _per_view_problems(augment_config, num_global_views: int) -> list[str]:
   return problems
 
 
+# Fields that had another name in one method's config than the same concept in the others':
+# a config written with the old name fails with the new one named.
+RENAMED_METHOD_FIELDS = {
+    'target_momentum_base': 'target_momentum',   # BYOL
+    'teacher_momentum_base': 'target_momentum',  # DINO
+    'base_momentum': 'target_momentum',          # MoCo v3
+    'momentum': 'target_momentum',               # MoCo v2
+    'queue_length': 'queue_size',                # SwAV
+    'bank_size': 'queue_size',                   # AdCo
+    'mlp_hidden_dim': 'projector_hidden_dim (and predictor_hidden_dim)',  # MoCo v3
+    'output_dim': 'projector_output_dim (MoCo v3) or num_prototypes (DINO)',
+    'head_hidden_dim': 'projector_hidden_dim',   # DINO
+    'bottleneck_dim': 'projector_output_dim',    # DINO
+    'head_num_layers': 'projector_num_layers',   # DINO
+}
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1):
   """Checks everything that can be checked before any work starts."""
   # Imported here: the registries import jax/flax, which config files should not need.
@@ -280,15 +267,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   check(a.num_local_crops >= 0, 'augment.num_local_crops must be >= 0.')
   check(0 < a.local_crop_scale[0] <= a.local_crop_scale[1] <= 1,
         f'augment.local_crop_scale must satisfy 0 < min <= max <= 1, got {a.local_crop_scale}.')
+  for old, new in RENAMED_METHOD_FIELDS.items():
+    check(old not in config.method, f'method.{old} is now called method.{new}: rename it.')
   if config.method.name in methods.METHODS:
     method_cls = methods.method_class(config.method.name)
-    if hasattr(method_cls, 'config_problems'):
-      problems.extend(method_cls.config_problems(config))
+    problems.extend(method_cls.config_problems(config))
     problems.extend(_per_view_problems(a, method_cls.num_views))
   e = config.eval
   check(e.knn_k > 0, 'eval.knn_k must be positive.')
   check(e.knn_temperature > 0, 'eval.knn_temperature must be positive.')
   check(e.batch_size > 0, 'eval.batch_size must be positive.')
+  check(e.get('bn_refresh_batches', 0) >= 0,
+        'eval.bn_refresh_batches must be >= 0 (0 scores the random-init baseline with its '
+        'initial BatchNorm statistics).')
   check(e.diagnostics_size > 1, 'eval.diagnostics_size must be at least 2 images.')
   for name in ('collapse_min_rank_fraction', 'collapse_min_std_fraction'):
     check(0 <= e[name] < 1, f'eval.{name} must be in [0, 1) (0 disables that alarm).')

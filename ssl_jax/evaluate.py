@@ -3,7 +3,8 @@
     python -m ssl_jax.evaluate --workdir=workdirs/simclr --evals=knn,linear,lowlabel,diagnostics
 
 Scores the frozen encoder of the latest (or --step) checkpoint, next to the same networks at
-random initialisation and to raw pixels, prints a table and writes it as JSON (and a 2-D
+random initialisation (BatchNorm statistics refreshed on `eval.bn_refresh_batches` training
+batches) and to raw pixels, prints a table and writes it as JSON (and a 2-D
 embedding plot of the test features) under DIR/evaluation/. Every evaluation reads features
 extracted once per encoder:
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 FLAGS = flags.FLAGS
 EVALS = ('knn', 'linear', 'lowlabel', 'diagnostics')
@@ -87,7 +88,7 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
 
   from ssl_jax import pretrained
   from ssl_jax.data import pipeline, sources
-  from ssl_jax.evaluation import features
+  from ssl_jax.evaluation import batch_norm, features
   from ssl_jax.evaluation.monitor import DiagnosticsMonitor
   from ssl_jax.methods import frozen_encoder
 
@@ -110,7 +111,10 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
 
   encoders = {'trained encoder': frozen_encoder(model.method, model.state)}
   if baselines:
-    encoders['random-init encoder'] = frozen_encoder(model.method, model.initial_state())
+    # BatchNorm statistics refreshed on training batches: at their initial values (mean 0,
+    # variance 1) the baseline's score would swing with the seed (evaluation.batch_norm).
+    encoders['random-init encoder'] = batch_norm.refreshed_frozen_encoder(
+        config, model.method, model.initial_state())
     encoders['raw pixels'] = raw_pixels
 
   rows, trained_test_features = {}, None
@@ -155,9 +159,11 @@ def main(argv):
 
 
 def run():
-  """Console-script entry point (`ssl-jax-evaluate`)."""
+  """Console-script entry point (`ssl-jax-evaluate`): the short log by default
+  (--verbosity shows the libraries' INFO lines), one message for a config error."""
+  from ssl_jax import cli
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

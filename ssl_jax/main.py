@@ -5,12 +5,16 @@ Running the same command again in the same workdir resumes from the latest check
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import signal
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from ssl_jax import config_lib
+from ssl_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -30,6 +34,18 @@ flags.DEFINE_integer('process_id', None, 'With --multihost: this process, 0 to n
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def resume_command() -> str:
+  """This process's command line, as the user can type it again."""
+  argv = list(sys.argv)
+  if os.path.basename(argv[0]) in ('main.py', '__main__.py'):
+    python = shutil.which('python')
+    same = python and os.path.realpath(python) == os.path.realpath(sys.executable)
+    argv[:1] = ['python' if same else sys.executable, '-m', 'ssl_jax.main']
+  elif shutil.which(os.path.basename(argv[0])) == os.path.abspath(argv[0]):
+    argv[0] = os.path.basename(argv[0])  # the console script, on the PATH
+  return shlex.join(argv)
+
+
 def format_results(results: dict) -> str:
   rows = [('trained encoder', results.get('knn_top1')),
           ('random-init encoder', results.get('knn_top1_random_init')),
@@ -39,16 +55,8 @@ def format_results(results: dict) -> str:
   return '\n'.join(lines)
 
 
-class _DropChattyLibraries(logging.logging.Filter):
-  """Orbax logs every file of every save at INFO; keep its warnings, drop the rest."""
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_DropChattyLibraries())
   # Imported after flag parsing so that --help stays fast and jax sees the environment.
   import jax
 
@@ -59,19 +67,29 @@ def main(argv):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  from ssl_jax import train
+  with cli.native_info_dropped():  # TensorFlow's C++ start-up lines (clu imports it)
+    from ssl_jax import train
+  # A ConfigError ends the program with its message alone (cli.run).
   try:
     _, results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except config_lib.ConfigError as e:
-    logging.error('%s', e)
-    sys.exit(f'{e}')
+  except FloatingPointError as error:  # diverged: the message names the step and the fixes
+    sys.stderr.write(f'{error}\n')
+    sys.exit(1)
+  if results['stopped_by']:
+    # Exit status 128 + the signal's number, as a shell reports a process that the signal
+    # ended: schedulers and scripts see a run that has not finished (and may restart it).
+    sys.stderr.write(f'Stopped by {results["stopped_by"]} at step {results["step"]}; its '
+                     'checkpoint is written. To resume, run the same command again:\n  '
+                     f'{resume_command()}\n')
+    sys.exit(128 + int(getattr(signal.Signals, results['stopped_by'], signal.SIGTERM)))
   if 'knn_top1' in results:
     print(format_results(results), flush=True)
 
 
 def run():
-  """Console-script entry point (`ssl-jax-train`)."""
-  app.run(main)
+  """Console-script entry point (`ssl-jax-train`): the short log by default (--verbosity
+  shows the libraries' INFO lines), one message for a config mistake (ssl_jax.cli)."""
+  cli.run(main, config_flag='config')
 
 
 if __name__ == '__main__':

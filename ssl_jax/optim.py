@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -39,7 +42,86 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg, schedule: optax.Schedule,
+                   frozen_steps: Mapping[tuple[str, ...], int] | None = None,
+                   ) -> optax.GradientTransformation:
+  """The configured optimizer over `schedule` (a function of the optimizer step).
+
+  `frozen_steps` maps parameter subtrees, as key paths into the params (e.g.
+  `('head', 'last_layer')`), to a number of initial optimizer steps N during which they are
+  frozen: no update at all (weight decay included) and an untouched optimizer state. At step
+  N the subtree starts as a freshly initialised optimizer would (Adam's moments at zero and its
+  own bias-correction count at 0) at the global learning rate schedule(N), schedule(N + 1),
+  ... : what PyTorch does for a parameter whose `.grad` is None (DINO's
+  `cancel_gradients_last_layer`). Entries with N = 0 are ignored; methods declare them with
+  their optional `frozen_steps()` hook.
+  """
+  frozen = {tuple(path): int(n) for path, n in (frozen_steps or {}).items() if n > 0}
+  if not frozen:
+    return _make_optimizer(opt_cfg, schedule)
+  transforms = {'trained': _make_optimizer(opt_cfg, schedule)}
+  for n in sorted(set(frozen.values())):
+    # The branch's own step count restarts at 0 when it unfreezes at global step n; its
+    # schedule is shifted so that it reads the global learning rate there.
+    shifted = lambda count, n=n: schedule(count + n)  # noqa: E731
+    transforms[f'frozen_{n}'] = skip_first_steps(_make_optimizer(opt_cfg, shifted), n)
+
+  def labels(params):
+    used = set()
+
+    def label(path, _):
+      keys = tuple(_key_name(k) for k in path)
+      matches = [prefix for prefix in frozen if keys[:len(prefix)] == prefix]
+      if not matches:
+        return 'trained'
+      prefix = max(matches, key=len)  # the innermost declaration wins
+      used.add(prefix)
+      return f'frozen_{frozen[prefix]}'
+
+    tree = jax.tree_util.tree_map_with_path(label, params)
+    if unknown := set(frozen) - used:
+      raise ValueError(f'frozen_steps names parameters that do not exist: {sorted(unknown)}.')
+    return tree
+
+  return optax.multi_transform(transforms, labels)
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+class SkipFirstStepsState(NamedTuple):
+  count: jax.Array  # optimizer steps seen, frozen ones included
+  inner_state: optax.OptState
+
+
+def skip_first_steps(inner: optax.GradientTransformation,
+                     num_steps: int) -> optax.GradientTransformation:
+  """`inner`, except that its first `num_steps` calls return zero updates and leave its state
+  untouched, so that `inner` starts from its initial state (count 0) at step `num_steps`."""
+
+  def init_fn(params):
+    return SkipFirstStepsState(jnp.zeros([], jnp.int32), inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    def skip(updates, inner_state, params):
+      del params
+      return jax.tree.map(jnp.zeros_like, updates), inner_state
+
+    def run(updates, inner_state, params):
+      return inner.update(updates, inner_state, params)
+
+    updates, inner_state = jax.lax.cond(state.count < num_steps, skip, run, updates,
+                                        state.inner_state, params)
+    return updates, SkipFirstStepsState(optax.safe_increment(state.count), inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
   name = opt_cfg.name
   if name == 'lars':
     return optax.lars(schedule, weight_decay=opt_cfg.weight_decay,

@@ -29,7 +29,7 @@ class Pretrained:
   method: Any           # the `ssl_jax.methods` object: networks, loss, `encode`
   state: Any            # the full TrainState (params, batch_stats, target_params, ...)
   step: int
-  setup: Any            # train.Setup: mesh, init_fn, ...
+  setup: Any            # experiment.Experiment: mesh, init_fn, ...
 
   def encode(self, images):
     """Frozen-encoder features [B, D] (no projection head, inference BatchNorm) of float
@@ -47,7 +47,7 @@ def load(workdir: str, step: int | None = None) -> Pretrained:
   from ssl_jax import train  # imported here: train pulls in the data pipeline and writers
 
   config = config_lib.load_json(os.path.join(workdir, train.CONFIG_FILE))
-  setup = train.build(config)
+  setup, _ = train.build(config)
   template = jax.eval_shape(setup.init_fn, jax.random.PRNGKey(config.seed))
   template = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)

@@ -29,7 +29,7 @@ def create_train_state(method, tx: optax.GradientTransformation, rng, sample_ima
   sample batch of float images."""
   init_rng, state_rng = jax.random.split(rng)
   params, batch_stats, method_state = method.init(init_rng, sample_images)
-  target_params = method.init_target(params) if hasattr(method, 'init_target') else {}
+  target_params = method.init_target(params)
   probe_params, probe_opt_state = {}, {}
   if probe is not None:
     feature_dim = jax.eval_shape(method.encode, params, batch_stats, sample_images).shape[-1]

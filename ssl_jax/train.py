@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +12,12 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from ssl_jax import checkpoint, config_lib, optim, parallel
+from ssl_jax import checkpoint, config_lib, experiment, parallel, preemption
 from ssl_jax.data import pipeline, sources
-from ssl_jax.evaluation.history import DiagnosticsHistory
-from ssl_jax.evaluation.monitor import DiagnosticsMonitor, KnnEvaluator
-from ssl_jax.evaluation.online_probe import OnlineProbe
-from ssl_jax.methods import RunLength, build_method, frozen_encoder
-from ssl_jax.state import create_train_state
-from ssl_jax.train_step import make_train_step
+from ssl_jax.evaluation.final import final_evaluation
+from ssl_jax.evaluation.monitor import KnnEvaluator
+from ssl_jax.evaluation.observer import RepresentationObserver
+from ssl_jax.methods import frozen_encoder
 
 CONFIG_FILE = 'config.json'  # the run's config, written into the workdir
 # At most this many steps are dispatched ahead of the host. With many more in flight, XLA:CPU's
@@ -32,75 +27,47 @@ CONFIG_FILE = 'config.json'  # the run's config, written into the workdir
 MAX_STEPS_IN_FLIGHT = 16
 
 
-def steps_per_epoch(config, num_train_examples: int) -> int:
-  return max(1, num_train_examples // config.batch_size)
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point value in `tree` is finite (one scalar on the devices)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def schedule_steps(config, num_train_examples: int) -> tuple[int, int]:
-  """(total_steps, warmup_steps) from epochs, unless total_steps is set."""
-  per_epoch = steps_per_epoch(config, num_train_examples)
-  total = config.total_steps or math.ceil(config.num_epochs * per_epoch)
-  warmup = min(round(config.optimizer.warmup_epochs * per_epoch), total)
-  return total, warmup
-
-
-def _sample_images(config, source):
-  channels = source[0]['image'].shape[-1]
-  size = config.augment.crop_size
-  return jnp.zeros((2, size, size, channels), jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What a run is built from; `train_and_evaluate` and `pretrained` share it, so a workdir is
-  restored into exactly the structure that was trained."""
-  mesh: Any
-  train_source: Any
-  total_steps: int
-  warmup_steps: int
-  schedule: Any
-  tx: Any
-  method: Any
-  probe: Any
-  init_fn: Callable  # PRNG key -> TrainState, replicated over the mesh
-
-
-def build(config, mesh=None) -> Setup:
-  config_lib.validate(config, jax.device_count(), jax.process_count())
-  mesh = mesh or parallel.make_mesh()
+def build(config, mesh=None):
+  """The run's `experiment.Experiment` and its training source (the source's size sets the
+  epoch length)."""
+  # Config errors before any data is read; experiment.build validates for its mesh again.
+  config_lib.validate(config, mesh.devices.size if mesh else jax.device_count(),
+                      jax.process_count())
   d = config.data
   train_source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir,
                                     download=d.download)
-  total_steps, warmup_steps = schedule_steps(config, len(train_source))
-  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, total_steps,
-                                          warmup_steps)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  method = build_method(config, RunLength(total_steps, steps_per_epoch(config,
-                                                                       len(train_source))))
-  probe = None
-  if config.eval.online_probe:
-    num_classes = sources.source_info(d.name, d.data_dir).num_classes
-    probe = OnlineProbe(num_classes, config.eval.online_probe_lr)
-  sample = _sample_images(config, train_source)
-  init_fn = jax.jit(lambda rng: create_train_state(method, tx, rng, sample, probe),
-                    out_shardings=parallel.replicated(mesh))
-  return Setup(mesh, train_source, total_steps, warmup_steps, schedule, tx, method, probe,
-               init_fn)
+  built = experiment.build(config, num_train_examples=len(train_source),
+                           image_channels=train_source[0]['image'].shape[-1], mesh=mesh)
+  return built, train_source
 
 
 def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   `stop_at_step` ends the run early (after checkpointing) as a pre-emption would; the
-  schedule still spans the full run. Returns (final train state, results dict); the results
-  hold the final evaluation when the run reached its last step.
+  schedule still spans the full run. SIGTERM or SIGINT during training stops it the same way
+  after the step in progress (`ssl_jax.preemption`). A non-finite loss or state raises
+  FloatingPointError naming the step; no checkpoint of a non-finite state is ever written.
+
+  Returns (final train state, results dict); the results hold the final evaluation when the
+  run reached its last step, and always `step`, `restored_step` (the checkpoint this call
+  resumed from, None if it started afresh), `steps_run` (the steps this call trained) and
+  `stopped_by` (the signal that stopped it early, or None).
   """
-  setup = build(config)
+  setup, train_source = build(config)
   mesh, method, total_steps = setup.mesh, setup.method, setup.total_steps
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     config_lib.save_json(config, os.path.join(workdir, CONFIG_FILE))
-  iterator = pipeline.make_train_iterator(setup.train_source,
+  iterator = pipeline.make_train_iterator(train_source,
                                           global_batch_size=config.batch_size,
                                           seed=config.seed, worker_count=config.data.worker_count)
   state = setup.init_fn(jax.random.PRNGKey(config.seed))
@@ -116,8 +83,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
                'starting at step %d.', config.method.name, total_steps, setup.warmup_steps,
                jax.device_count(), config.batch_size, step)
 
-  train_step = make_train_step(method, setup.tx, mesh, config.augment, setup.schedule,
-                               setup.probe)
+  train_step = setup.make_train_step()
   monitor = None
   if config.eval_every_steps:
     monitor = KnnEvaluator.from_config(config, config.eval.periodic_bank_size,
@@ -128,47 +94,104 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   last_step = min(total_steps, stop_at_step or total_steps)
-  pending = []
+  start_step = step
+  pending = []  # the metrics of the steps since the last log
   window_start = time.monotonic()
   window_steps = 0
-  while step < last_step:
-    batch = next(iterator)
-    images, labels = parallel.global_batch_from_host((batch['image'], batch['label']), mesh)
-    state, metrics = train_step(state, images, labels)
-    pending.append(metrics)
-    step += 1
-    if step % MAX_STEPS_IN_FLIGHT == 0:
-      jax.block_until_ready(metrics)
-    window_steps += 1
-    report(step)
-    if step % config.log_every_steps == 0 or step == last_step:
-      summary = {k: float(np.mean(v)) for k, v in
-                 jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
-      elapsed = time.monotonic() - window_start
-      summary['images_per_sec'] = window_steps * config.batch_size / elapsed
-      writer.write_scalars(step, summary)
-      logging.info('step %d/%d: loss %.4f, %.0f images/s, ~%.0f s left', step, total_steps,
-                   summary['loss'], summary['images_per_sec'],
-                   (total_steps - step) * elapsed / window_steps)
-      if not np.isfinite(summary['loss']):
-        raise FloatingPointError(f'Loss is {summary["loss"]} at step {step}; lower '
-                                 'optimizer.base_lr or raise warmup_epochs.')
-      pending, window_start, window_steps = [], time.monotonic(), 0
-    if monitor is not None and step % config.eval_every_steps == 0:
-      eval_start = time.monotonic()
-      with report.timed('eval'):
-        encode_fn = frozen_encoder(method, state)
-        writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode_fn)})
-        if observer is not None:
-          observer(step, encode_fn)
-      window_start += time.monotonic() - eval_start  # images/s counts training time only
-    if step % config.checkpoint_every_steps == 0 or step == last_step:
-      ckpt.save(step, state, iterator)
-  ckpt.wait()
-  ckpt.close()
+
+  def check_finite():
+    """Raises if a loss since the last log or the state is not finite: no checkpoint of a
+    diverged state is ever written. Called only where the host waits for the devices."""
+    if pending:
+      losses = np.asarray(jax.device_get([m['loss'] for m in pending]), np.float64)
+      bad = np.flatnonzero(~np.isfinite(losses.reshape(len(pending), -1)).all(axis=1))
+      if bad.size:
+        raise diverged(step - len(pending) + 1 + int(bad[0]),
+                       f'the loss is {losses[bad[0]]}')
+    if not bool(jax.device_get(_all_finite(state))):
+      raise diverged(step, 'the train state (parameters, optimizer or method state) is not '
+                     'finite after it')
+
+  def diverged(bad_step, what):
+    ckpt.wait()  # saves in flight are of finite states: let them complete
+    good = ckpt.latest_step()
+    if good is None:
+      kept, rerun = 'No checkpoint was written', 'and run again'
+    else:
+      kept = f'The last good checkpoint, step {good}, is kept in {ckpt.directory}'
+      rerun = ('and rerun in the same --workdir to resume from it with the change, or in a new '
+               'one to start over')
+    dtype = ('' if config.model.dtype == 'float32' else
+             f' or compute in float32 (--config.model.dtype=float32, now {config.model.dtype})')
+    return FloatingPointError(
+        f'Training diverged at step {bad_step}: {what}. {kept}; no checkpoint of a non-finite '
+        f'state is ever written. Try a lower --config.optimizer.base_lr (now '
+        f'{config.optimizer.base_lr}) or a longer warm-up (--config.optimizer.warmup_epochs, now '
+        f'{config.optimizer.warmup_epochs}){dtype}, {rerun}.')
+
+  stopped_by = None  # the signal that stopped the run before last_step
+  with preemption.StopSignals() as signals:
+    try:
+      while step < last_step:
+        batch = next(iterator)
+        images, labels = parallel.global_batch_from_host((batch['image'], batch['label']),
+                                                         mesh)
+        state, metrics = train_step(state, images, labels)
+        pending.append(metrics)
+        step += 1
+        host_waits = step % MAX_STEPS_IN_FLIGHT == 0
+        if host_waits:
+          jax.block_until_ready(metrics)
+        window_steps += 1
+        report(step)
+        log_step = step % config.log_every_steps == 0 or step == last_step
+        if log_step:
+          summary = {k: float(np.mean(v)) for k, v in
+                     jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
+          elapsed = time.monotonic() - window_start
+          summary['images_per_sec'] = window_steps * config.batch_size / elapsed
+          writer.write_scalars(step, summary)
+          logging.info('step %d/%d: loss %.4f, %.0f images/s, ~%.0f s left', step,
+                       total_steps, summary['loss'], summary['images_per_sec'],
+                       (total_steps - step) * elapsed / window_steps)
+          if not np.isfinite(summary['loss']):
+            check_finite()  # raises, naming the first step with a non-finite loss
+          pending, window_start, window_steps = [], time.monotonic(), 0
+        if monitor is not None and step % config.eval_every_steps == 0:
+          eval_start = time.monotonic()
+          with report.timed('eval'):
+            encode_fn = frozen_encoder(method, state)
+            writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode_fn)})
+            if observer is not None:
+              observer(step, encode_fn)
+          window_start += time.monotonic() - eval_start  # images/s counts training time only
+        save_step = step % config.checkpoint_every_steps == 0 or step == last_step
+        # A stop request: one process stops after the step during which the signal came;
+        # several agree on it at steps where the host waits for the devices anyway, so that
+        # all of them checkpoint the same step.
+        if jax.process_count() == 1:
+          stop = signals.requested
+        else:
+          stop = (host_waits or log_step or save_step) and preemption.agree(signals.requested)
+        if save_step or stop:
+          check_finite()
+          ckpt.save(step, state, iterator)
+        if stop and step < last_step:
+          stopped_by = signals.received or 'a signal to another process'
+          logging.warning('Stopped by %s at step %d of %d; the checkpoint is written. Run the '
+                          'same command again to resume.', stopped_by, step, total_steps)
+          break
+    finally:
+      # Also on an error: the saves in flight are of finite states, let them complete.
+      ckpt.wait()
+      ckpt.close()
+    # A signal during the last step or the final wait: skip the final evaluation, which a
+    # resumed run does (each process must take the same path: the evaluation is collective).
+    if stopped_by is None and preemption.agree(signals.requested):
+      stopped_by = signals.received or 'a signal to another process'
 
   results = {'step': step}
-  if step == total_steps:
+  if step == total_steps and stopped_by is None:
     # The random-init baseline is re-created rather than kept: the step donates its input.
     initial = setup.init_fn(jax.random.PRNGKey(config.seed)) if config.eval.baselines else None
     results.update(final_evaluation(config, method, state, initial))
@@ -181,52 +204,9 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
       with open(os.path.join(workdir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
   writer.flush()
+  # How this call ran, for callers and tests (not written to results.json): the checkpoint it
+  # resumed from (None: none), the steps it trained, and the signal that stopped it early.
+  results.update(restored_step=restored_step, steps_run=step - start_step,
+                 stopped_by=stopped_by)
   return state, results
 
-
-class RepresentationObserver:
-  """Measures the representation diagnostics, raises the collapse alarm, logs the scalars and
-  keeps the history and its plots in the workdir (process 0 writes files)."""
-
-  def __init__(self, config, workdir: str, writer, resume_step: int):
-    self.monitor = DiagnosticsMonitor.from_config(config)
-    self.writer = writer
-    self.plots = config.eval.plots
-    self.chief = jax.process_index() == 0
-    self.history = DiagnosticsHistory(workdir, resume_step) if self.chief else None
-    self.class_names = sources.class_names(config.data.name, config.data.data_dir)
-
-  def __call__(self, step: int, encode_fn, final: bool = False) -> dict:
-    measurement, clean_features = self.monitor.measure(encode_fn)
-    warnings = measurement.pop('collapse_warnings')
-    for message in warnings:
-      logging.warning('Step %d: possible collapse: %s', step, message)
-    scalars = {f'diagnostics/{k}': v for k, v in measurement.items() if k != 'spectrum'}
-    scalars['diagnostics/collapse_alarm'] = float(bool(warnings))
-    self.writer.write_scalars(step, scalars)
-    if not self.chief:
-      return scalars
-    self.history.append(step, dict(measurement, collapse_warnings=warnings))
-    if self.plots:
-      from ssl_jax.evaluation import plots
-      figures = self.history.figures()
-      if final:
-        figures['embedding'] = plots.embedding_figure(clean_features, self.monitor.labels,
-                                                      self.class_names)
-      os.makedirs(self.history.plots_dir, exist_ok=True)
-      for name, figure in figures.items():
-        self.writer.write_images(step, {f'plots/{name}': plots.figure_to_array(figure)[None]})
-        plots.save_figure(figure, os.path.join(self.history.plots_dir, f'{name}.png'))
-    return scalars
-
-
-def final_evaluation(config, method, state, initial_state=None) -> dict:
-  """kNN top-1 on the full evaluation split, with the raw-pixel and random-init baselines."""
-  evaluator = KnnEvaluator.from_config(config, config.eval.final_bank_size or None,
-                                       config.eval.final_test_size or None)
-  results = {'knn_top1': evaluator.score_encoder(frozen_encoder(method, state))}
-  if initial_state is not None:
-    results['knn_top1_random_init'] = evaluator.score_encoder(
-        frozen_encoder(method, initial_state))
-    results['knn_top1_raw_pixels'] = evaluator.score_raw_pixels()
-  return results

@@ -59,13 +59,13 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.probe_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if hasattr(method, 'after_update'):
-      params = method.after_update(params)
+    params = method.after_update(params)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     target_params = state.target_params
-    if hasattr(method, 'target_momentum'):
+    if method.target_networks is not None:
       momentum = method.target_momentum(state.step)
-      target_params = optax.incremental_update(params, target_params, step_size=1.0 - momentum)
+      target_params = optax.incremental_update(method.target_of(params), target_params,
+                                               step_size=1.0 - momentum)
       metrics['target_momentum'] = momentum
     if schedule is not None:
       metrics['learning_rate'] = schedule(state.step)

@@ -3,30 +3,22 @@ short training run on Fashion-MNIST. Each method's test file calls these."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import contextlib
+import importlib
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import optim, parallel
+from ssl_jax import experiment, models, parallel
 from ssl_jax.data import augment
 from ssl_jax.methods import RunLength, build_method
-from ssl_jax.state import create_train_state
-from ssl_jax.train_step import make_train_step
-
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
-
 
 def load_config(name: str, arg: str | None = None):
   """configs/<name>.py's get_config(arg)."""
-  spec = importlib.util.spec_from_file_location(f'{name}_config',
-                                                os.path.join(CONFIG_DIR, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return importlib.import_module(f'ssl_jax.configs.{name}').get_config(arg)
 
 
 def shrink(config, batch_size: int = 32, crop: int = 12):
@@ -54,7 +46,7 @@ def init_method(config, run_length: RunLength | None = None, seed: int = 0):
   size = config.augment.crop_size
   params, batch_stats, method_state = jax.jit(
       lambda r: method.init(r, jnp.zeros((2, size, size, 1))))(jax.random.PRNGKey(seed))
-  target = method.init_target(params) if hasattr(method, 'init_target') else {}
+  target = method.init_target(params)
   return method, params, batch_stats, target, method_state
 
 
@@ -105,44 +97,148 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6, what=''):
                                err_msg=f'{what}{jax.tree_util.keystr(path)}')
 
 
-def check_devices_agree(config, num_devices=8, batch_size=32, steps=(0,), rtol=2e-5,
-                        atol=1e-6):
-  """Loss, gradients, metrics, BN statistics and method state on `num_devices` devices equal
-  one device and the shard_map-free reference, on the same global batch."""
+# Unit roundoff of float32: one rounding moves a value by at most this fraction of itself.
+F32_ROUNDOFF = 2.0 ** -24
+
+
+@contextlib.contextmanager
+def float64_computation():
+  """Traces ssl_jax's float32 code in float64: x64 on, the model's compute dtype 'float64',
+  and the explicit `jnp.float32` casts of the heads, encoders and losses turned into float64
+  casts while the context is open (only tracing happens here: jit each function inside it).
+  The float64 result is a reference whose own rounding (2^-53) is negligible next to float32's,
+  so comparing a float32 run with it measures that run's error alone."""
+  with jax.enable_x64(True), \
+      mock.patch.dict(models.DTYPES, {'float64': jnp.float64}), \
+      mock.patch.object(jnp, 'float32', jnp.float64):
+    yield
+
+
+def to_float64(tree):
+  """Floating leaves as float64 jax arrays (exact), other leaves (ints, keys) unchanged. Call it
+  inside `float64_computation` (outside, jax would truncate them back to float32)."""
+  def cast(x):
+    x = np.asarray(x)
+    return jnp.asarray(x, np.float64) if np.issubdtype(x.dtype, np.floating) else jnp.asarray(x)
+  return jax.tree.map(cast, tree)
+
+
+def float64_method(config, run_length: RunLength | None = None):
+  """The method of `config` computing in float64 (use it inside `float64_computation`)."""
+  config = config.copy_and_resolve_references()
+  config.model.dtype = 'float64'
+  with float64_computation():
+    return build_method(config, run_length)
+
+
+def reduction_length(views) -> int:
+  """R, the number of terms of the step's longest sums: every pixel position of every view of
+  the global batch (a first-layer kernel gradient sums over all of them; BN statistics and
+  batch means sum over the rows, fewer)."""
+  return int(sum(np.prod(np.shape(v)[:3]) for v in views))
+
+
+def float32_tolerance(reference, length: int):
+  """Per-leaf absolute tolerance for a float32 computation of `reference` (float64) whose
+  sums have at most `length` terms; one number per leaf, the same tree structure.
+
+  tol = u (R max|leaf| + sqrt(R) max|tree|), u = 2^-24, R = `length`:
+  - u R max|leaf| is the classical worst-case bound gamma_R ~ R u of an R-term float32 sum,
+    relative to the leaf's size. It stands in for the true bound u R sum|terms| (not
+    computable here: with BatchNorm the gradient is no sum of per-example terms), and its
+    worst-case R (against the sqrt(R) typical of rounding errors) is the margin for the
+    backward pass's cancellations: measured errors of 1 and 8 devices against float64 are
+    30-850 u max|leaf| (850 on the slower CI CPU, 3.5x this machine's), R = 9216 for
+    SimSiam's 2 x 32 views of 12 x 12 pixels, so a 10x margin on the slowest CPU seen;
+  - u sqrt(R) max|tree| covers leaves that cancel to ~0 (running mean of batch-normalised
+    features, a mean cosine near 0): the typical (random-walk) error of an R-term sum whose
+    terms are no larger than the tree's largest entry.
+  A cross-device bug (a local instead of a global mean, a missing psum or gather) changes
+  results by a sizeable fraction of themselves, 1e-3 to 1: 2 to 4 orders above R u = 5.5e-4
+  for SimSiam, and the tests planting such bugs fail (see tests/test_train_step.py's module
+  docstring)."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(reference)]
+  floats = [x for x in leaves if np.issubdtype(x.dtype, np.floating) and x.size]
+  tree_max = max((float(np.abs(x).max()) for x in floats), default=0.0)
+  def tol(x):
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating) or not x.size:
+      return 0.0
+    return F32_ROUNDOFF * (length * float(np.abs(x).max()) + np.sqrt(length) * tree_max)
+  return jax.tree.map(tol, reference)
+
+
+def assert_close_to_float64(actual, reference, length: int, what='', tolerance=None):
+  """Every leaf of the float32 `actual` within `float32_tolerance` of the float64 `reference`
+  (or within `tolerance`, a tree of per-leaf numbers, if given); integer leaves equal."""
+  tols = float32_tolerance(reference, length) if tolerance is None else tolerance
+  flat_a = jax.tree_util.tree_leaves_with_path(actual)
+  flat_r, flat_t = jax.tree.leaves(reference), jax.tree.leaves(tols)
+  assert len(flat_a) == len(flat_r), f'{what}: trees differ in size'
+  for (path, a), r, t in zip(flat_a, flat_r, flat_t):
+    a, r = np.asarray(a), np.asarray(r)
+    msg = f'{what}{jax.tree_util.keystr(path)}'
+    if np.issubdtype(r.dtype, np.floating):
+      np.testing.assert_allclose(a, r, rtol=0, atol=t, err_msg=msg)
+    else:
+      np.testing.assert_array_equal(a, r, err_msg=msg)
+
+
+def float64_loss_and_grads(config, params, batch_stats, target_params, method_state, views,
+                           step: int = 0, rng=None, run_length: RunLength | None = None):
+  """`sharded_loss_and_grads(..., num_devices=0)`, the shard_map-free loss and gradient, in
+  float64 on the float64 images of the same float32 inputs."""
+  method = float64_method(config, run_length)
+  with float64_computation():
+    out = sharded_loss_and_grads(method, *to_float64(
+        (params, batch_stats, target_params, method_state, list(views))), 0, step, rng)
+  # The loss, hence its gradient, was computed in float64 to the end (constants such as a
+  # schedule's value in the metrics may stay float32: the run under test has the same).
+  assert all(x.dtype == np.float64 for x in jax.tree.leaves(out[:2])), 'not float64'
+  return out
+
+
+def check_devices_agree(config, num_devices=8, batch_size=32, steps=(0,)):
+  """Loss, gradients, metrics, BN statistics and method state on `num_devices` devices and on
+  one device equal the shard_map-free computation in float64 on the same global batch, within
+  the float32 rounding bound of `float32_tolerance` (so within twice that of each other).
+  Returns the float64 reference of the last step."""
   method, params, batch_stats, target, state = init_method(config)
   views = make_views(config, method, batch_size)
+  length = reduction_length(views)
   for step in steps:
-    ref = sharded_loss_and_grads(method, params, batch_stats, target, state, views, 0, step)
+    ref = float64_loss_and_grads(config, params, batch_stats, target, state, views, step)
     one = sharded_loss_and_grads(method, params, batch_stats, target, state, views, 1, step)
     many = sharded_loss_and_grads(method, params, batch_stats, target, state, views,
                                   num_devices, step)
     for name, other in (('1 device', one), (f'{num_devices} devices', many)):
-      np.testing.assert_allclose(other[0], ref[0], rtol=rtol, err_msg=f'loss, {name}')
-      assert_trees_close(other[1], ref[1], rtol, atol, f'grads, {name}')
-      assert_trees_close(other[2], ref[2], rtol, atol, f'metrics, {name}')
-      assert_trees_close(other[3], ref[3], rtol, atol, f'batch_stats, {name}')
-      assert_trees_close(other[4], ref[4], rtol, atol, f'method_state, {name}')
+      for i, part in enumerate(('loss', 'grads', 'metrics', 'batch_stats', 'method_state')):
+        assert_close_to_float64(other[i], ref[i], length, f'{part}, {name}, step {step}')
     # Not vacuous: the gradient is not zero.
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(ref[1])) > 0
   return ref
 
 
+def build_experiment(config, num_devices: int, seed: int = 0):
+  """The trainer's experiment for `config` on `num_devices` devices, with one-step epochs
+  (`total_steps` and warm-up epochs count steps), its initial state and its jitted step."""
+  built = experiment.build(config, num_train_examples=config.batch_size, image_channels=1,
+                           mesh=parallel.make_mesh(num_devices))
+  return built, built.init_state(seed), built.make_train_step()
+
+
+def random_batch(config, seed: int) -> np.ndarray:
+  """A global batch of random 16 x 16 uint8 images."""
+  return np.random.default_rng(seed).integers(0, 256, (config.batch_size, 16, 16, 1), np.uint8)
+
+
 def trainer_steps(config, num_steps, num_devices=2):
   """The real train step on `num_devices` devices; the states before and after each step."""
-  mesh = parallel.make_mesh(num_devices)
-  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size,
-                                          config.total_steps, 1)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  method = build_method(config, RunLength(config.total_steps, 1))
-  size = config.augment.crop_size
-  state = jax.jit(lambda r: create_train_state(method, tx, r, jnp.zeros((2, size, size, 1))),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  step = make_train_step(method, tx, mesh, config.augment, schedule)
+  built, state, step = build_experiment(config, num_devices)
   states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
-    images = np.random.default_rng(i).integers(0, 256, (config.batch_size, 16, 16, 1),
-                                               np.uint8)
-    state, m = step(state, parallel.global_batch_from_host(images, mesh))
+    images = parallel.global_batch_from_host(random_batch(config, i), built.mesh)
+    state, m = step(state, images)
     states.append(jax.device_get(state))  # the step donates its input: keep host copies
     metrics.append(jax.device_get(m))
   return states, metrics

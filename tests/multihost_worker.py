@@ -1,13 +1,21 @@
 """One process of the multi-host test: joins a localhost cluster, trains the tiny config and
-saves its final parameters. Usage: multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT"""
+saves its final parameters. Usage: multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT
 
+With SIGTERM_AT_STEP=k, the last process sends itself SIGTERM after logging step k: a real
+signal that reaches one process only, as a pre-emption notice may. The last line of stdout is
+'RESULT ' and a JSON object: devices, processes, step, restored_step, steps_run, stopped_by
+and the loss of every step this process trained."""
+
+import json
 import os
+import signal
 import sys
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from clu import metric_writers  # noqa: E402
 
 process_id, num_processes, port = (int(a) for a in sys.argv[1:4])
 workdir, out = sys.argv[4:6]
@@ -22,9 +30,39 @@ from ssl_jax import train  # noqa: E402
 
 config = make_tiny_config()
 config.batch_size = 16
-stop = int(os.environ.get('STOP_AT_STEP', '0')) or None
-state, results = train.train_and_evaluate(config, workdir, stop_at_step=stop)
+# Plain SGD at a large learning rate from the first step (no warm-up): in 4 steps every
+# parameter moves by hundreds of times the comparison's tolerance.
+config.optimizer.name = 'sgd'
+config.optimizer.lr_scaling = 'none'
+config.optimizer.base_lr = 0.2
+config.optimizer.warmup_epochs = 0.0
+config.log_every_steps = 1  # every step's loss reaches the writer
+losses = {}
+signal_at = int(os.environ.get('SIGTERM_AT_STEP', '0'))
+_create_writer = metric_writers.create_default_writer
+
+
+def _recording_writer(*args, **kwargs):
+  writer = _create_writer(*args, **kwargs)
+  write_scalars = writer.write_scalars
+
+  def record(step, scalars):
+    if 'loss' in scalars:
+      losses[int(step)] = float(scalars['loss'])
+      if step == signal_at and jax.process_index() == jax.process_count() - 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return write_scalars(step, scalars)
+
+  writer.write_scalars = record
+  return writer
+
+
+metric_writers.create_default_writer = _recording_writer
+state, results = train.train_and_evaluate(config, workdir)
 leaves = jax.tree.leaves(jax.device_get(state.params))
 if jax.process_index() == 0:
   np.savez(out, *leaves, step=int(state.step))
-print('devices', jax.device_count(), 'processes', jax.process_count(), 'step', int(state.step))
+print('RESULT ' + json.dumps({
+    'devices': jax.device_count(), 'processes': jax.process_count(), 'step': int(state.step),
+    'restored_step': results['restored_step'], 'steps_run': results['steps_run'],
+    'stopped_by': results['stopped_by'], 'losses': losses}), flush=True)

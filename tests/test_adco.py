@@ -85,7 +85,7 @@ def test_loss_and_bank_gradient_match_reference_on_eight_devices():
 
 def _adco_config(bank_size, from_keys, batch_size=32):
   config = shrink(load_config('adco'), batch_size=batch_size)
-  config.method.bank_size = bank_size
+  config.method.queue_size = bank_size
   config.method.init_bank_from_keys = from_keys
   return config
 
@@ -185,16 +185,16 @@ def test_config_validation_names_the_fix():
   for field, value, message in [
       ('memory_lr', 0.0, 'method.memory_lr=0.0 must be positive (3.0 in the paper)'),
       ('memory_temperature', -0.02, 'method.memory_temperature=-0.02 must be positive'),
-      ('target_momentum', 1.0, 'method.target_momentum=1.0 must be in [0, 1)'),
+      ('target_momentum', 1.5, 'method.target_momentum=1.5 must be in [0, 1]'),
       ('memory_momentum', 1.5, 'method.memory_momentum=1.5 must be in [0, 1)'),
-      ('bank_size', 0, 'method.bank_size=0 must be positive'),
+      ('queue_size', 0, 'method.queue_size=0 must be positive'),
       ('memory_weight_decay', -1.0, 'method.memory_weight_decay=-1.0 must be >= 0')]:
     config = load_config('adco')
     config.method[field] = value
     assert message in _problems(config), field
   config = load_config('adco')
   config.augment.num_local_crops = 2
-  assert 'set augment.num_local_crops=0' in _problems(config)
+  assert 'set augment.num_local_crops = 0' in _problems(config)
 
 
 STEPS = 100
@@ -231,7 +231,10 @@ def test_resume_and_momentum_encoder(trained, tmp_path):
   first = jax.device_get(first)
   assert int(first.method_state['filled']) == 1024
   assert np.abs(first.method_state['velocity']).max() > 0  # the ascent's state is restored
-  resumed, _ = train.train_and_evaluate(config, workdir)
+  resumed, results = train.train_and_evaluate(config, workdir)
+  # It restored the checkpoint of step 99 and trained only step 100 (a restore skipped
+  # silently would train from scratch and end in the same state).
+  assert results['restored_step'] == STEPS - 1 and results['steps_run'] == 1
   assert int(resumed.step) == int(straight.step) == STEPS
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), straight)
   with pytest.raises(AssertionError):  # not vacuous: the last step changed the bank

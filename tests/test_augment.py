@@ -466,7 +466,7 @@ def test_default_config_matches_simclr():
 
 def test_blur_is_a_no_op_at_16_pixels_unless_a_kernel_size_is_set():
   """The ConvNet recipes' 16-pixel crops get SimCLR's 10 % kernel, one pixel: no blur, as
-  config_lib.set_backbone documents; augment.blur_kernel_size turns it back on."""
+  configs/common.py set_backbone documents; augment.blur_kernel_size turns it back on."""
   image = rand_image((28, 28, 3))
 
   def view(**overrides):

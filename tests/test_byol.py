@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 
 import method_harness as mh
-from ssl_jax import config_lib, optim, parallel, train
+from ssl_jax import config_lib, parallel, train
 from ssl_jax.data import augment
 from ssl_jax.losses import regression
 from ssl_jax.methods import RunLength, build_method
-from ssl_jax.state import create_train_state
-from ssl_jax.train_step import make_train_step
 
 
 def _config(batch_size=32):
@@ -74,7 +72,7 @@ def test_normalized_regression_is_scale_invariant_and_zero_when_aligned():
 def _reference_loss(method, params, batch_stats, target_params, views):
   """Eq. 2 symmetrised, written out: each view's online prediction against the target's
   projection of the OTHER view, every forward pass on one view (its own BN statistics)."""
-  online, target = method.online_network(), method.target_network()
+  online, target = method.network(), method.target_network()
 
   # Training-mode BatchNorm normalises with the batch's statistics: the running ones passed
   # in are irrelevant, so zeros will do (and the target needs none of its own).
@@ -141,7 +139,7 @@ def test_eight_devices_agree_with_one():
 
 def test_target_momentum_schedule_values():
   config = _config()
-  config.method.target_momentum_base = 0.996
+  config.method.target_momentum = 0.996
   method = build_method(config, RunLength(total_steps=1000, steps_per_epoch=10))
   ks = np.array([0, 1, 250, 500, 999, 1000])
   got = np.asarray(jax.vmap(method.target_momentum)(jnp.asarray(ks)))
@@ -150,19 +148,13 @@ def test_target_momentum_schedule_values():
 
 
 def _train_steps(config, num_devices, total_steps, images):
-  """Real trainer steps; returns the state before and after each step (on the host) and the
-  metrics of each step."""
-  mesh = parallel.make_mesh(num_devices)
-  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, total_steps, 0)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  method = build_method(config, RunLength(total_steps=total_steps, steps_per_epoch=1))
-  size = config.augment.crop_size
-  state = jax.jit(lambda r: create_train_state(method, tx, r, jnp.zeros((2, size, size, 1))),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  step = make_train_step(method, tx, mesh, config.augment, schedule)
+  """Real trainer steps (no warm-up); returns the state before and after each step (on the
+  host) and the metrics of each step."""
+  config.total_steps, config.optimizer.warmup_epochs = total_steps, 0.0
+  built, state, step = mh.build_experiment(config, num_devices)
   states, history = [jax.device_get(state)], []
   for batch in images:
-    state, metrics = step(state, parallel.global_batch_from_host(batch, mesh))
+    state, metrics = step(state, parallel.global_batch_from_host(batch, built.mesh))
     states.append(jax.device_get(state))  # copied before the next step donates it
     history.append(jax.device_get(metrics))
   return states, history
@@ -173,26 +165,31 @@ def test_target_is_ema_of_online_params_with_cosine_tau():
   # tau_base 0.9 and K = 4 steps: tau goes 0.9 -> 1 within the run, so each step's (1 - tau)
   # is different and large enough that a wrong schedule or a wrong k shows.
   base, total = 0.9, 4
-  config.method.target_momentum_base = base
+  config.method.target_momentum = base
   config.optimizer.base_lr = 2.0  # big steps, so online and target move apart visibly
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (16, 16, 16, 1), np.uint8) for _ in range(total)]
   states, history = _train_steps(config, 8, total, images)
 
+  def tracked(params):  # the target averages the encoder and projector, not the predictor
+    return {k: params[k] for k in ('encoder', 'projector')}
+
+  assert set(states[0].target_params) == {'encoder', 'projector'}
   # At init the target is a copy of the online network.
-  jax.tree.map(np.testing.assert_array_equal, states[0].target_params, states[0].params)
+  jax.tree.map(np.testing.assert_array_equal, states[0].target_params,
+               tracked(states[0].params))
   for k in range(total):
     tau = _tau(k, total, base)
     np.testing.assert_allclose(history[k]['target_momentum'], tau, rtol=1e-6)
     # target_{k+1} = tau_k target_k + (1 - tau_k) online_{k+1}, online after step k's update.
     expected = jax.tree.map(lambda t, o, tau=tau: tau * np.asarray(t, np.float64)
                             + (1 - tau) * np.asarray(o, np.float64),
-                            states[k].target_params, states[k + 1].params)
+                            states[k].target_params, tracked(states[k + 1].params))
     mh.assert_trees_close(states[k + 1].target_params, expected, rtol=1e-6, atol=1e-7,
                           what=f'target after step {k}')
   # Not vacuous: the target lags the online network, and both moved.
   gap = max(float(np.abs(t - o).max()) for t, o in zip(
-      jax.tree.leaves(states[-1].target_params), jax.tree.leaves(states[-1].params)))
+      jax.tree.leaves(states[-1].target_params), jax.tree.leaves(tracked(states[-1].params))))
   moved = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(states[-1].target_params), jax.tree.leaves(states[0].target_params)))
   assert gap > 1e-3 and moved > 1e-3, (gap, moved)
@@ -230,8 +227,8 @@ def test_asymmetric_augmentation_per_view():
 def test_config_is_valid_and_bad_values_name_the_fix():
   config = mh.load_config('byol')
   config_lib.validate(config, num_devices=8)
-  config.method.target_momentum_base = 1.5
-  with pytest.raises(config_lib.ConfigError, match=r'target_momentum_base must be in \[0, 1\]'):
+  config.method.target_momentum = 1.5
+  with pytest.raises(config_lib.ConfigError, match=r'target_momentum=1.5 must be in \[0, 1\]'):
     config_lib.validate(config, num_devices=8)
   config = mh.load_config('byol')
   config.augment.num_local_crops = 2
@@ -248,14 +245,17 @@ def test_resumed_run_ends_with_identical_state(tmp_path):
   config.total_steps = 4
   # A fast-moving target (tau 0.9 rather than 0.996), so that a target not restored from the
   # checkpoint, or restored with the wrong step's tau, changes the result visibly.
-  config.method.target_momentum_base = 0.9
+  config.method.target_momentum = 0.9
   config.optimizer.warmup_epochs = 0.0  # the online network moves from the first step
   # Both runs stop at step 3 of the 4-step schedule: a resume mid-run, without paying for the
   # final evaluations.
   straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'), stop_at_step=3)
   first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=1)
   first = jax.device_get(first)
-  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=3)
+  resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=3)
+  # It restored the checkpoint of step 1 and trained only the 2 steps left (a
+  # restore skipped silently would train from scratch and end in the same state).
+  assert results['restored_step'] == 1 and results['steps_run'] == 2
   assert int(first.step) == 1 and int(resumed.step) == int(straight.step) == 3
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
   # The target moved after the checkpoint, so the resumed run really continued it.

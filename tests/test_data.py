@@ -381,7 +381,7 @@ def test_get_state_set_state_resumes_exactly(indexed_source):
 
 @pytest.mark.parametrize('asynchronous', [False, True], ids=['sync', 'async'])
 def test_orbax_checkpoint_resumes_exactly(indexed_source, tmp_path, asynchronous):
-  ocp = pytest.importorskip('orbax.checkpoint')
+  import orbax.checkpoint as ocp
   reference = take(train_iter(indexed_source, seed=2), 25)
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                          enable_async_checkpointing=asynchronous)
@@ -476,7 +476,7 @@ def test_make_eval_arrays(indexed_source):
 
 
 def test_tfds_source_with_mock_data(indexed_source):
-  tfds = pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=12):
     src = sources.get_source('tfds:cifar10', 'train')
     assert isinstance(src, sources.TfdsSource) and len(src) == 12
@@ -498,7 +498,6 @@ def test_tfds_source_with_mock_data(indexed_source):
 
 
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
-  pytest.importorskip('tensorflow_datasets')
   with pytest.raises(FileNotFoundError) as info:
     sources.tfds_source('cifar10', 'train', data_dir=tmp_path)
   msg = str(info.value)

@@ -18,8 +18,7 @@ from ssl_jax import config_lib, optim, parallel, train
 from ssl_jax.losses import dino as dino_loss
 from ssl_jax.methods import RunLength, build_method, frozen_encoder
 from ssl_jax.models.dino_head import DINOHead
-from ssl_jax.state import TrainState, create_train_state
-from ssl_jax.train_step import make_train_step
+from ssl_jax.state import TrainState
 
 BATCH = 32
 
@@ -28,9 +27,9 @@ def _config(**method):
   c = mh.shrink(mh.load_config('dino'), batch_size=BATCH)
   c.augment.num_local_crops = 2
   m = c.method
-  m.head_hidden_dim = 32
-  m.bottleneck_dim = 16
-  m.output_dim = 64
+  m.projector_hidden_dim = 32
+  m.projector_output_dim = 16
+  m.num_prototypes = 64
   m.update(method)
   return c
 
@@ -153,21 +152,20 @@ def test_teacher_momentum_schedule():
 def test_config_errors_name_the_fix():
   config_lib.validate(mh.load_config('dino'), 8)
   config_lib.validate(mh.load_config('dino', 'backbone=resnet50'), 8)
-  c = _config(teacher_temperature=0.0, center_momentum=1.0, head_num_layers=0,
+  c = _config(teacher_temperature=0.0, center_momentum=1.0, projector_num_layers=0,
               teacher_warmup_epochs=-1.0)
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(c, 8)
   message = str(error.value)
   for expected in ('method.teacher_temperature must be positive',
                    'method.center_momentum must be in [0, 1) (the paper: 0.9)',
-                   'method.head_num_layers must be at least 1',
+                   'method.projector_num_layers must be at least 1',
                    'method.teacher_warmup_epochs must be >= 0'):
     assert expected in message, message
 
 
 def test_devices_agree_multicrop():
-  # Default RunLength (1-step epochs): at step 3 the last layer is free and tau_t is mid
-  # warm-up (the frozen step 0 is compared across devices in the next test).
+  # Default RunLength (1-step epochs): tau_t is mid warm-up at step 3.
   mh.check_devices_agree(_config(), num_devices=8, batch_size=BATCH, steps=(3,))
 
 
@@ -199,7 +197,7 @@ def test_loss_and_centre_over_steps_match_the_authors():
     features = jnp.concatenate([encode(jnp.concatenate(group)) for group in crops])
     return np.asarray(net.head.apply({'params': p['head']}, features), np.float64)
 
-  center = np.zeros(m.output_dim)
+  center = np.zeros(m.num_prototypes)
   for step in range(4):
     views = mh.make_views(config, method, BATCH, seed=step)
     (loss, (metrics, student_stats, new_state)), grads = jax.device_get(
@@ -222,13 +220,69 @@ def test_loss_and_centre_over_steps_match_the_authors():
                  new_state['teacher_batch_stats']['encoder'], expected_stats['batch_stats'])
     assert max(float(np.abs(a - b).max()) for a, b in zip(
         jax.tree.leaves(new_state['teacher_batch_stats']), jax.tree.leaves(student_stats))) > 1e-4
-    # The last layer is frozen for freeze_last_layer_epochs = 1 epoch (step 0).
+    # The last layer has its gradient at every step, frozen or not: the optimizer freezes it
+    # (test_frozen_last_layer_starts_as_fresh_adamw).
     last = np.abs(grads['head']['last_layer']['kernel']).max()
-    assert (last == 0.0) if step == 0 else (last > 1e-6), (step, last)
+    assert last > 1e-6, (step, last)
     assert np.abs(grads['head']['Dense_0']['kernel']).max() > 1e-6
     state = new_state
   # Not vacuous: the centre moved away from zero and differs between dimensions.
   assert np.ptp(center) > 1e-3
+
+
+def test_frozen_last_layer_starts_as_fresh_adamw():
+  """The reference sets the last layer's .grad to None for freeze_last_layer_epochs, so AdamW
+  skips it: no update, no weight decay, no state. Here the optimizer does the same
+  (`DINO.frozen_steps`): bit-identical to its init and an untouched optimizer state while
+  frozen, then a fresh AdamW (numpy, bias correction from t = 1) at the global lr(N),
+  lr(N + 1), ...; the other leaves exactly as under a plain AdamW."""
+  config = _config(freeze_last_layer_epochs=1.0)
+  config.augment.num_local_crops = 0  # the freeze does not depend on them; compiles faster
+  o = config.optimizer
+  o.base_lr, o.weight_decay = 0.05, 0.04
+  run_length = RunLength(total_steps=6, steps_per_epoch=2)
+  frozen = 2  # 1 epoch of 2 steps
+  method, params, batch_stats, target, state = mh.init_method(config, run_length)
+  assert method.frozen_steps() == {('head', 'last_layer'): frozen}
+  schedule = optim.learning_rate_schedule(o, BATCH, run_length.total_steps, 0)
+  tx = optim.make_optimizer(o, schedule, method.frozen_steps())
+  plain = optim.make_optimizer(o, schedule)
+  grad_fn = jax.jit(jax.grad(lambda p, v, k: method.loss(p, batch_stats, target, state, v,
+                                                         None, k, None)[0]))
+  update, plain_update = jax.jit(tx.update), jax.jit(plain.update)
+  init_kernel = np.asarray(params['head']['last_layer']['kernel'], np.float64)
+  assert set(params['head']['last_layer']) == {'kernel'}  # g fixed to 1 (norm_last_layer)
+  opt_state, plain_state = tx.init(params), plain.init(params)
+  branch = lambda s: s.inner_states[f'frozen_{frozen}'].inner_state.inner_state  # noqa: E731
+  init_params = plain_params = params
+  p, m, v = init_kernel, 0.0, 0.0
+  for k in range(5):
+    views = mh.make_views(config, method, BATCH, seed=k)
+    grads = grad_fn(params, views, jnp.asarray(k, jnp.int32))
+    g = np.asarray(grads['head']['last_layer']['kernel'], np.float64)
+    updates, opt_state = update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    # A plain AdamW on the same gradients, for every other leaf.
+    plain_updates, plain_state = plain_update(grads, plain_state, plain_params)
+    plain_params = optax.apply_updates(plain_params, plain_updates)
+    kernel = np.asarray(params['head']['last_layer']['kernel'], np.float64)
+    if k < frozen:
+      np.testing.assert_array_equal(kernel, init_kernel, err_msg=f'step {k}')
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(branch(opt_state)),
+                   jax.device_get(branch(tx.init(init_params))))
+    else:
+      t = k - frozen + 1
+      m = o.b1 * m + (1 - o.b1) * g
+      v = o.b2 * v + (1 - o.b2) * g**2
+      adam = (m / (1 - o.b1**t)) / (np.sqrt(v / (1 - o.b2**t)) + 1e-8)
+      p = p - float(schedule(k)) * (adam + o.weight_decay * p)
+      np.testing.assert_allclose(kernel, p, rtol=1e-5, atol=1e-7, err_msg=f'step {k}')
+      assert np.abs(kernel - init_kernel).max() > 1e-4
+    assert np.abs(g).max() > 1e-6  # the loss does not freeze it: the optimizer does
+    others = lambda tree: {**tree, 'head': {  # noqa: E731
+        n: x for n, x in tree['head'].items() if n != 'last_layer'}}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+                 others(params), others(plain_params))
 
 
 def test_evaluation_scores_the_teacher():
@@ -257,16 +311,12 @@ def _keys_like(tree):
 def test_teacher_is_ema_of_student_after_trainer_steps():
   """target_{k+1} = lambda_k target_k + (1 - lambda_k) params_{k+1}, lambda_k on the paper's
   cosine schedule; a low base momentum makes each step's weight visible."""
-  config = _config(teacher_momentum_base=0.9)
+  config = _config(target_momentum=0.9)
   config.augment.num_local_crops = 0  # the EMA does not depend on them; compiles faster
-  mesh = parallel.make_mesh(8)
-  tx = optim.make_optimizer(config.optimizer, optax.constant_schedule(1e-3))
-  total = 4
-  method = build_method(config, RunLength(total_steps=total, steps_per_epoch=1))
-  size = config.augment.crop_size
-  state = jax.jit(lambda r: create_train_state(method, tx, r, jnp.zeros((2, size, size, 1))),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  step_fn = make_train_step(method, tx, mesh, config.augment)
+  config.total_steps, config.optimizer.warmup_epochs = 4, 0.0
+  config.optimizer.base_lr, config.optimizer.lr_scaling = 1e-3, 'none'
+  built, state, step_fn = mh.build_experiment(config, 8)
+  mesh, method, total = built.mesh, built.method, 4
   images = np.random.default_rng(0).integers(0, 256, (3, BATCH, 16, 16, 1), np.uint8)
   host = jax.device_get(state)
   jax.tree.map(np.testing.assert_array_equal, host.target_params, host.params)
@@ -298,7 +348,10 @@ def test_resume_gives_identical_state(tmp_path):
   config.augment.num_local_crops = 0  # resume does not depend on them; compiles faster
   straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
-  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  # It restored the checkpoint of step 2 and trained only the 2 steps left (a
+  # restore skipped silently would train from scratch and end in the same state).
+  assert results['restored_step'] == 2 and results['steps_run'] == 2
   assert int(resumed.step) == int(straight.step) == 4
   _assert_trees_equal(resumed, straight)
   # The centre and the teacher are part of it, and they moved after step 2.
@@ -323,7 +376,7 @@ def trained(tmp_path_factory):
   # Measured at 100 steps, kNN vs random init 0.564: as is 0.542, lr 1e-3 and momentum
   # 0.99 0.546, lr 1e-3 and momentum 0.9 0.578.
   c.optimizer.base_lr = 0.004
-  c.method.teacher_momentum_base = 0.9
+  c.method.target_momentum = 0.9
   state, results = mh.train_briefly(c, str(tmp_path_factory.mktemp('dino')), 100)
   method = mh.init_method(c)[0]
   return state, results, mh.encoder_spread(c, method, state)

@@ -14,6 +14,7 @@ import pytest
 
 from ssl_jax import checkpoint, config_lib, evaluate, pretrained, train
 from ssl_jax.data import pipeline, sources
+from ssl_jax.evaluation import batch_norm, features, knn
 from ssl_jax.evaluation.history import DiagnosticsHistory
 from ssl_jax.evaluation.monitor import DiagnosticsMonitor
 
@@ -107,6 +108,18 @@ def test_evaluate_workdir_table_and_json(trained_workdir):
       assert row[f'lowlabel_{fraction}%_num_labels'] == sum(
           max(1, round(fraction / 100 * c)) for c in counts)
   assert rows['raw pixels']['effective_rank'] > rows['trained encoder']['effective_rank'] / 10
+  # The random-init row is scored with its BatchNorm statistics refreshed on training batches.
+  model = pretrained.load(workdir)
+  e = model.config.eval
+  encode = batch_norm.refreshed_frozen_encoder(model.config, model.method,
+                                               model.initial_state())
+  (x_bank, y_bank), (x_test, y_test) = (
+      pipeline.make_eval_arrays(sources.fashion_mnist(split), n)
+      for split, n in (('train', 2000), ('test', 150)))
+  extract = lambda x: features.extract_features(encode, x, e.batch_size, e.image_size)
+  assert rows['random-init encoder']['knn_top1'] == knn.knn_accuracy(
+      extract(x_bank), y_bank, extract(x_test), y_test, k=e.knn_k,
+      temperature=e.knn_temperature, num_classes=10)
   with open(os.path.join(workdir, 'evaluation', 'step_4.json')) as f:
     assert json.load(f)['rows']['raw pixels']['knn_top1'] == rows['raw pixels']['knn_top1']
   assert os.path.exists(os.path.join(workdir, 'evaluation', 'embedding_step_4.png'))

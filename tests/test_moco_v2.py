@@ -103,7 +103,14 @@ def test_loss_and_new_queue_match_reference(symmetric):
   expected_queue[(70 + np.arange(32)) % 80] = _normalize(k2)
   np.testing.assert_allclose(new_state['queue'], expected_queue, rtol=1e-5, atol=1e-5)
   assert int(new_state['ptr']) == (70 + 32) % 80
-  assert 0.0 <= float(metrics['contrastive_acc']) <= 1.0
+  # The metrics by hand: the mean positive cosine, and how often the positive key beats
+  # every queued key (averaged over both directions when symmetric).
+  pairs = [(q1, k2)] + ([(project(params, views[1]), project(target, views[0]))]
+                        if symmetric else [])
+  pos = [np.sum(_normalize(q) * _normalize(k), axis=1) for q, k in pairs]
+  beats = [p > np.max(_normalize(q) @ queue.T, axis=1) for p, (q, _) in zip(pos, pairs)]
+  np.testing.assert_allclose(metrics['pos_cosine'], np.mean(pos), rtol=1e-5)
+  np.testing.assert_allclose(metrics['contrastive_acc'], np.mean(beats), rtol=1e-6)
   # Not vacuous: the query encoder gets a gradient.
   assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
 
@@ -154,7 +161,7 @@ def test_shuffled_bn():
 
 
 def test_key_encoder_and_queue_through_the_trainer():
-  config = _config(momentum=0.9)
+  config = _config(target_momentum=0.9)
   states, metrics = harness.trainer_steps(config, 3)
   # theta_k <- m theta_k + (1 - m) theta_q after each step (eq. 2), with the new theta_q.
   for before, after, m in zip(states, states[1:], metrics):
@@ -182,7 +189,7 @@ def test_key_encoder_and_queue_through_the_trainer():
 
 @pytest.mark.parametrize('field, value, message', [
     ('method.queue_size', 16, r'method.queue_size=16 is smaller than batch_size=32'),
-    ('method.momentum', 1.5, r'method.momentum=1.5 must be in \[0, 1\]'),
+    ('method.target_momentum', 1.5, r'method.target_momentum=1.5 must be in \[0, 1\]'),
     ('augment.num_local_crops', 2, r'set augment.num_local_crops = 0'),
     ('method.shuffle_bn_group_size', 3, r'batch_size a multiple of group size x groups = 24'),
 ])
@@ -200,7 +207,10 @@ def test_resumed_run_ends_with_identical_state(tmp_path):
   config = _config()
   straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
-  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  # It restored the checkpoint of step 2 and trained only the 2 steps left (a
+  # restore skipped silently would train from scratch and end in the same state).
+  assert results['restored_step'] == 2 and results['steps_run'] == 2
   assert int(resumed.step) == int(straight.step) == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
                jax.device_get(straight))

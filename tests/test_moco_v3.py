@@ -17,8 +17,8 @@ from ssl_jax.methods import RunLength, build_method
 
 def _config():
   config = harness.shrink(harness.load_config('moco_v3'))
-  config.method.mlp_hidden_dim = 32
-  config.method.output_dim = 16
+  config.method.projector_hidden_dim = config.method.predictor_hidden_dim = 32
+  config.method.projector_output_dim = 16
   return config
 
 
@@ -68,7 +68,7 @@ def test_loss_matches_reference():
   loss, grads, _, _, new_state = harness.sharded_loss_and_grads(
       method, params, stats, target, state, views, 0)
 
-  online, momentum = method.online_network(), method.momentum_network()
+  online, momentum = method.network(), method.target_network()
   momentum_params = {k: target[k] for k in ('encoder', 'projector')}
   momentum_stats = {k: stats[k] for k in ('encoder', 'projector')}
   predict = jax.jit(lambda x: online.apply({'params': params, 'batch_stats': stats}, x,
@@ -110,8 +110,11 @@ def test_momentum_encoder_through_the_trainer():
   for k, (before, after, m) in enumerate(zip(states, states[1:], metrics)):
     tau = 1 - 0.01 * (math.cos(math.pi * k / 4) + 1) / 2
     np.testing.assert_allclose(m['target_momentum'], tau, rtol=1e-6)
+    # The momentum encoder is backbone + projector: no copy of the predictor.
+    assert set(after.target_params) == {'encoder', 'projector'}
+    online = {k: after.params[k] for k in ('encoder', 'projector')}
     expected = jax.tree.map(lambda t, o: tau * np.float64(t) + (1 - tau) * np.float64(o),
-                            before.target_params, after.params)
+                            before.target_params, online)
     harness.assert_trees_close(after.target_params, expected, rtol=1e-6, atol=1e-7,
                                what=f'momentum encoder, step {k}')
   # Not vacuous: the momentum encoder moved, and lags the online one.
@@ -123,7 +126,7 @@ def test_momentum_encoder_through_the_trainer():
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('method.base_momentum', 1.5, r'method.base_momentum=1.5 must be in \[0, 1\]'),
+    ('method.target_momentum', 1.5, r'method.target_momentum=1.5 must be in \[0, 1\]'),
     ('augment.num_local_crops', 2, r'set augment.num_local_crops = 0'),
     ('method.temperature', 0.0, r'method.temperature must be positive'),
 ])
@@ -141,7 +144,10 @@ def test_resumed_run_ends_with_identical_state(tmp_path):
   config = _config()
   straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
-  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  # It restored the checkpoint of step 2 and trained only the 2 steps left (a
+  # restore skipped silently would train from scratch and end in the same state).
+  assert results['restored_step'] == 2 and results['steps_run'] == 2
   assert int(resumed.step) == int(straight.step) == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
                jax.device_get(straight))

@@ -2,27 +2,23 @@
 training, is exact across devices, and learns the labels."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax import optim, parallel
+import method_harness as mh
+from ssl_jax import parallel
 from ssl_jax.data import pipeline, sources
 from ssl_jax.evaluation.online_probe import OnlineProbe
-from ssl_jax.methods import build_method
-from ssl_jax.state import create_train_state
-from ssl_jax.train_step import make_train_step
 
 
 def _run(config, num_devices, probe, batches):
-  mesh = parallel.make_mesh(num_devices)
-  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, 100, 2)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  method = build_method(config)
-  size = config.augment.crop_size
-  state = jax.jit(lambda r: create_train_state(method, tx, r, jnp.zeros((2, size, size, 1)),
-                                               probe),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  step = make_train_step(method, tx, mesh, config.augment, schedule, probe)
+  config.total_steps = 100
+  config.optimizer.warmup_epochs = 2.0  # one-step epochs: 2 warm-up steps
+  config.eval.online_probe = probe is not None
+  if probe is not None:
+    config.eval.online_probe_lr = probe.learning_rate
+  built, state, step = mh.build_experiment(config, num_devices)
+  assert built.probe == probe
+  mesh = built.mesh
   history = []
   for images, labels in batches:
     state, metrics = step(state, *parallel.global_batch_from_host((images, labels), mesh))

@@ -241,3 +241,109 @@ def test_unknown_optimizer_raises_naming_known_ones(name):
     assert repr(known) in message
   assert repr(name) in message
   assert set(optim.OPTIMIZERS) == {'lars', 'sgd', 'adamw'}
+
+
+# ------------------------------------------------------------------- frozen parameters
+
+def _run(tx, grads_seq, params=None):
+  """Applies `tx` to a sequence of gradients; the params and optimizer states after each
+  step (index 0: the initial ones)."""
+  params = _toy_params() if params is None else params
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  params_seq, states = [params], [state]
+  for g in grads_seq:
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    params_seq.append(params)
+    states.append(state)
+  return params_seq, states
+
+
+def _flat(tree):
+  return {k: np.asarray(v, np.float64) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_frozen_subtree_skips_then_starts_as_fresh_adamw_at_the_global_lr():
+  """As PyTorch AdamW for a parameter whose .grad is None for the first N steps (DINO's
+  frozen last layer): no update and no weight decay, an untouched state, then Adam from
+  count 0 (bias correction restarting) at the global lr(N), lr(N + 1), ..."""
+  wd, b1, b2, eps, n, steps = 0.1, 0.8, 0.95, 1e-8, 3, 6
+  cfg = _opt_cfg(name='adamw', weight_decay=wd, b1=b1, b2=b2)
+  tx = optim.make_optimizer(cfg, _schedule, {('Dense_0',): n})
+  grads_seq = [_grads(10 + k) for k in range(steps)]
+  params_seq, states = _run(tx, grads_seq)
+  plain_params, _ = _run(optim.make_optimizer(cfg, _schedule), grads_seq)
+  branch = lambda s: s.inner_states[f'frozen_{n}'].inner_state  # noqa: E731
+  for k in range(n + 1):
+    # Frozen for steps 0 .. n-1: bit-identical params and inner optimizer state.
+    for path in (('Dense_0', 'kernel'), ('Dense_0', 'bias')):
+      np.testing.assert_array_equal(_flat(params_seq[k])[path], _flat(params_seq[0])[path])
+    jax.tree.map(np.testing.assert_array_equal, branch(states[k]).inner_state,
+                 branch(states[0]).inner_state)
+    assert int(branch(states[k]).count) == k
+  # The other leaves follow the plain optimizer exactly, frozen phase or not.
+  for k in range(steps + 1):
+    flat, plain = _flat(params_seq[k]), _flat(plain_params[k])
+    for path in flat:
+      if path[0] != 'Dense_0':
+        np.testing.assert_array_equal(flat[path], plain[path], err_msg=f'{path} step {k}')
+  # From step n: a fresh AdamW in numpy, bias correction from t = 1, lr from the global
+  # schedule at the global step, decoupled weight decay for the kernel only.
+  for path in (('Dense_0', 'kernel'), ('Dense_0', 'bias')):
+    decay = wd if path[-1] == 'kernel' else 0.0
+    p = _flat(params_seq[0])[path]
+    m = v = np.zeros_like(p)
+    for k in range(n, steps):
+      t = k - n + 1
+      g = _flat(grads_seq[k])[path]
+      m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+      adam = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+      p = p - _schedule(k) * (adam + decay * p)
+      np.testing.assert_allclose(_flat(params_seq[k + 1])[path], p, rtol=1e-5, atol=1e-7,
+                                 err_msg=f'{path} step {k}')
+  # Not vacuous: a plain AdamW fed zero gradients while frozen (the stop_gradient way)
+  # decays the kernel meanwhile, and its first unfrozen step, bias correction advanced,
+  # differs.
+  zeroed = [dict(g, Dense_0=jax.tree.map(jnp.zeros_like, g['Dense_0'])) if k < n else g
+            for k, g in enumerate(grads_seq)]
+  stale, _ = _run(optim.make_optimizer(cfg, _schedule), zeroed)
+  kernel = ('Dense_0', 'kernel')
+  assert np.abs(_flat(stale[n])[kernel] - _flat(stale[0])[kernel]).max() > 1e-3
+  fresh_step = _flat(params_seq[n + 1])[kernel] - _flat(params_seq[n])[kernel]
+  stale_step = _flat(stale[n + 1])[kernel] - _flat(stale[n])[kernel]
+  assert np.abs(fresh_step - stale_step).max() > 0.1 * np.abs(fresh_step).max()
+
+
+@pytest.mark.parametrize('name', ['lars', 'sgd', 'adamw'])
+def test_frozen_subtree_leaves_other_leaves_as_plain_optimizer(name):
+  cfg = _opt_cfg(name=name)
+  grads_seq = [_grads(20 + k) for k in range(4)]
+  params_seq, _ = _run(optim.make_optimizer(cfg, _schedule, {('Conv_0', 'kernel'): 2}),
+                       grads_seq)
+  plain_seq, _ = _run(optim.make_optimizer(cfg, _schedule), grads_seq)
+  for k in range(5):
+    flat, plain = _flat(params_seq[k]), _flat(plain_seq[k])
+    for path in flat:
+      if path == ('Conv_0', 'kernel'):
+        if k <= 2:
+          np.testing.assert_array_equal(flat[path], _flat(params_seq[0])[path])
+        else:
+          assert np.abs(flat[path] - _flat(params_seq[2])[path]).max() > 1e-6
+      else:
+        np.testing.assert_array_equal(flat[path], plain[path], err_msg=f'{path} step {k}')
+
+
+def test_frozen_steps_zero_or_absent_is_the_plain_optimizer():
+  cfg = _opt_cfg(name='adamw')
+  params = _toy_params()
+  plain = jax.tree.structure(optim.make_optimizer(cfg, _schedule).init(params))
+  for frozen in (None, {}, {('Dense_0',): 0}):
+    tx = optim.make_optimizer(cfg, _schedule, frozen)
+    assert jax.tree.structure(tx.init(params)) == plain
+
+
+def test_frozen_steps_naming_missing_parameters_raises():
+  tx = optim.make_optimizer(_opt_cfg(name='adamw'), _schedule, {('head', 'last_layer'): 2})
+  with pytest.raises(ValueError, match='head.*last_layer'):
+    tx.init(_toy_params())

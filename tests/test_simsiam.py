@@ -93,7 +93,12 @@ def test_loss_and_gradients_match_written_out_reference(initialised):
       lambda p: _reference_loss(method, p, batch_stats, views), has_aux=True))(params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   mh.assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-6, what='grads')
-  np.testing.assert_allclose(metrics['cosine'], -loss, rtol=1e-5)
+  # The collapse monitor, written out: per-dimension std of the l2-normalised projections of
+  # both views (not the predictions), averaged, times sqrt(d).
+  zn = np.concatenate([z1, z2]).astype(np.float64)
+  zn /= np.linalg.norm(zn, axis=1, keepdims=True)
+  np.testing.assert_allclose(metrics['z_spread'], zn.std(axis=0).mean() * np.sqrt(zn.shape[1]),
+                             rtol=1e-5)
   # The projector's output is batch-normalised over each view's own batch.
   for z in (z1, z2):
     np.testing.assert_allclose(np.mean(z, axis=0), 0.0, atol=1e-4)
@@ -128,7 +133,7 @@ def test_eight_devices_agree_with_one():
 def test_heads_and_no_momentum_encoder(initialised):
   _, method, params, batch_stats, target, state, _ = initialised
   # One network: no target, no momentum schedule, no state between steps.
-  assert not hasattr(method, 'init_target') and not hasattr(method, 'target_momentum')
+  assert method.target_networks is None and target == {}
   assert target == {} and state == {}
   assert set(params) == {'encoder', 'projector', 'predictor'}
   proj, pred = params['projector'], params['predictor']

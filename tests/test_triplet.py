@@ -147,7 +147,7 @@ def test_config_validation_names_the_fix():
   assert "use one of ('easiest', 'hardest')" in _problems(c)
   c = load_config('triplet')
   c.augment.num_local_crops = 4
-  assert 'set augment.num_local_crops=0' in _problems(c)
+  assert 'set augment.num_local_crops = 0' in _problems(c)
 
 
 @pytest.mark.slow  # a real training run: `pytest -m slow` (README, Tests)

@@ -1,6 +1,7 @@
-"""VICReg: the loss against a hand-computed value and an independent numpy reference (the
-paper's eq. 6 and the reference code's form), global-batch statistics across 8 devices,
-config validation, and a short Fashion-MNIST run that beats the random-init encoder."""
+"""VICReg: the loss against a hand-computed value and independent numpy references (eq. 1-6
+term by term, and a transcription of the authors' code, which averages the two views'
+variance terms), global-batch statistics across 8 devices, config validation, and a short
+Fashion-MNIST run that beats the random-init encoder."""
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,36 @@ def reference_terms(z1, z2, eps=1e-4):
 
 
 def reference_loss(z1, z2, lam=25.0, mu=25.0, nu=1.0, eps=1e-4):
-  """Eq. 6: lambda s + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')]."""
+  """Eq. 6 with the two views' variance terms averaged, as the authors' code:
+  lambda s + mu [v(Z) + v(Z')] / 2 + nu [c(Z) + c(Z')]."""
   s, v, c = reference_terms(z1, z2, eps)
-  return lam * s + mu * sum(v) + nu * sum(c)
+  return lam * s + mu * sum(v) / 2 + nu * sum(c)
+
+
+def _off_diagonal(x):
+  """The authors' off_diagonal: the flattened matrix without its diagonal."""
+  n, m = x.shape
+  assert n == m
+  return x.flatten()[:-1].reshape(n - 1, n + 1)[:, 1:].flatten()
+
+
+def authors_loss(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+  """VICReg.forward of facebookresearch/vicreg main_vicreg.py (after the projector and the
+  all-gather), line by line in numpy float64; lightly's VICRegLoss computes the same."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  batch_size, num_features = x.shape
+  repr_loss = np.mean((x - y) ** 2)                                    # F.mse_loss(x, y)
+  x = x - x.mean(axis=0)
+  y = y - y.mean(axis=0)
+  std_x = np.sqrt(x.var(axis=0, ddof=1) + 0.0001)                      # torch.var: unbiased
+  std_y = np.sqrt(y.var(axis=0, ddof=1) + 0.0001)
+  std_loss = (np.mean(np.maximum(0.0, 1 - std_x)) / 2 +
+              np.mean(np.maximum(0.0, 1 - std_y)) / 2)
+  cov_x = (x.T @ x) / (batch_size - 1)
+  cov_y = (y.T @ y) / (batch_size - 1)
+  cov_loss = (np.sum(_off_diagonal(cov_x) ** 2) / num_features +
+              np.sum(_off_diagonal(cov_y) ** 2) / num_features)
+  return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
 
 
 def _loss(z1, z2, *args, **kwargs):
@@ -46,18 +74,18 @@ def test_hand_computed_example():
   # N = 4, D = 2. Z = [a, a] / 2, Z' = [a, -a] / 2 with a = (1, 1, -1, -1):
   #  invariance: Z - Z' = [0, a], 4 over N D = 8 entries -> 1/2;
   #  each dimension's unbiased variance is 1 / (N - 1) = 1/3, so (eps = 0) each view's
-  #  hinge is 1 - 1/sqrt(3) (the biased variance would give 1/2);
-  #  off-diagonal covariance +-1/3 twice: (2/9) / D = 1/9 per view.
+  #  hinge is 1 - 1/sqrt(3) (the biased variance would give 1/2), and their average too;
+  #  off-diagonal covariance +-1/3 twice: (2/9) / D = 1/9 per view, summed over the views.
   a = np.array([1., 1., -1., -1.])
   z1 = np.stack([a, a], 1) / 2
   z2 = np.stack([a, -a], 1) / 2
   loss, metrics = _loss(z1, z2, 25.0, 25.0, 1.0, 0.0)
   hinge = 1 - 1 / np.sqrt(3)
   np.testing.assert_allclose(metrics['invariance_term'], 0.5, rtol=1e-6)
-  np.testing.assert_allclose(metrics['variance_term'], 2 * hinge, rtol=1e-6)
+  np.testing.assert_allclose(metrics['variance_term'], hinge, rtol=1e-6)
   np.testing.assert_allclose(metrics['covariance_term'], 2 / 9, rtol=1e-6)
   np.testing.assert_allclose(metrics['embedding_std'], 1 / np.sqrt(3), rtol=1e-6)
-  np.testing.assert_allclose(loss, 25 * 0.5 + 25 * 2 * hinge + 2 / 9, rtol=1e-6)
+  np.testing.assert_allclose(loss, 25 * 0.5 + 25 * hinge + 2 / 9, rtol=1e-6)
 
 
 def test_well_spread_decorrelated_identical_views_cost_nothing():
@@ -78,23 +106,41 @@ def test_matches_numpy_reference():
   s, v, c = reference_terms(z1, z2)
   np.testing.assert_allclose(loss, reference_loss(z1, z2), rtol=1e-5)
   np.testing.assert_allclose(metrics['invariance_term'], s, rtol=1e-5)
-  np.testing.assert_allclose(metrics['variance_term'], sum(v), rtol=1e-5)
+  np.testing.assert_allclose(metrics['variance_term'], sum(v) / 2, rtol=1e-5)
   np.testing.assert_allclose(metrics['covariance_term'], sum(c), rtol=1e-5)
   assert min(v) > 0 and min(c) > 0
   other, _ = _loss(z1, z2, 2.0, 3.0, 4.0, 1e-2)
   np.testing.assert_allclose(other, reference_loss(z1, z2, 2.0, 3.0, 4.0, 1e-2), rtol=1e-5)
 
 
-def test_reference_code_form_is_variance_weight_half():
-  """The reference code's std_loss averages the two views' terms; with its std_coeff = 25 it
-  is eq. 6 with mu = 12.5, as configs/vicreg.py says."""
+def test_defaults_match_the_authors_code():
+  """The config's 25/25/1 is the authors' sim_coeff/std_coeff/cov_coeff = 25/25/1: their
+  std_loss averages the two views' hinges, and their covariance term sums the views'
+  off-diagonal squares over D with the (N - 1) covariance. Eq. 6 as printed (the views'
+  variance terms summed) would be variance_weight = 50."""
   rng = np.random.default_rng(4)
-  z1 = rng.normal(size=(10, 6)) * 0.4
+  # Some dimensions' std below 1 (hinge active), others above; correlated dimensions.
+  mix = np.eye(6) + 0.3 * rng.normal(size=(6, 6))
+  z1 = rng.normal(size=(10, 6)) @ mix * np.where(np.arange(6) < 4, 0.4, 1.6)
   z2 = z1 + 0.2 * rng.normal(size=(10, 6))
+  expected = authors_loss(z1, z2)
+  config = harness.load_config('vicreg')
+  m = config.method
+  loss, metrics = _loss(z1, z2, m.invariance_weight, m.variance_weight, m.covariance_weight,
+                        m.variance_epsilon)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(loss, reference_loss(z1, z2), rtol=1e-5)
+  # Each term on its own against the authors' code.
+  np.testing.assert_allclose(metrics['invariance_term'], authors_loss(z1, z2, 1.0, 0.0, 0.0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(metrics['variance_term'], authors_loss(z1, z2, 0.0, 1.0, 0.0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(metrics['covariance_term'], authors_loss(z1, z2, 0.0, 0.0, 1.0),
+                             rtol=1e-5)
+  # Not vacuous: every term is active, and summing the variance terms would differ.
+  assert min(metrics['variance_term'], metrics['covariance_term']) > 1e-3
   s, v, c = reference_terms(z1, z2)
-  reference_code = 25 * s + 25 * (v[0] / 2 + v[1] / 2) + 1 * (c[0] + c[1])
-  loss, _ = _loss(z1, z2, 25.0, 12.5, 1.0)
-  np.testing.assert_allclose(loss, reference_code, rtol=1e-5)
+  assert abs(25 * s + 25 * sum(v) + sum(c) - expected) > 1e-2 * expected
 
 
 def test_gradient_matches_finite_differences_of_reference():

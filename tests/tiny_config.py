@@ -1,16 +1,11 @@
 """The smallest config that trains: a few steps in seconds on CPU (shared by tests)."""
 
-import os
+from ssl_jax.configs import simclr
 
 
 def make_tiny_config():
   """A config small enough to train a few steps in seconds on CPU."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'simclr_config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'simclr.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config('batch=32')
+  c = simclr.get_config('batch=32')
   c.model.name = 'convnet'
   c.model.widths = (4, 8)
   c.model.convs_per_stage = 1

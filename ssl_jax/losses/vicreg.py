@@ -7,11 +7,18 @@ For the embeddings Z, Z' [N, D] of the two views of a global batch of N images,
     C(Z) = 1/(N - 1) sum_b (z_b - mean)(z_b - mean)^T                            (eq. 3)
     c(Z) = 1/D sum_{i != j} C(Z)_ij^2                                            (eq. 4)
     s(Z, Z') = 1/N sum_b ||z_b - z'_b||^2                                         (eq. 5)
-    l = lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')]                   (eq. 6)
+    l = lambda s(Z, Z') + mu [v(Z) + v(Z')] / 2 + nu [c(Z) + c(Z')]               (eq. 6)
 
-with the unbiased (N - 1) variance, Var(z^j) = C(Z)_jj. The invariance term is implemented,
-as in the paper's pseudo-code and reference code, as the mean squared error over all N x D
-entries, i.e. eq. 5 divided by D.
+with the unbiased (N - 1) variance, Var(z^j) = C(Z)_jj. Two departures from eq. 6 as printed,
+both following the authors' code (facebookresearch/vicreg, main_vicreg.py; lightly's
+VICRegLoss does the same), so that its coefficients (lambda = mu = 25, nu = 1) mean what they
+mean there:
+  * the variance terms of the two views are averaged, not summed: std_loss =
+    mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y)) / 2 (eq. 6 as printed is mu' = 2 mu);
+  * the invariance term is the mean squared error over all N x D entries (F.mse_loss, as
+    in the paper's pseudo-code), i.e. eq. 5 divided by D.
+The covariance terms are summed as printed and as in the code: off_diagonal(cov)^2.sum() / D
+per view, cov = zc^T zc / (N - 1).
 
 All of it comes from row sums: per-dimension sums, the D x D product zc^T zc, and the sum of
 squared view differences. Under `shard_map` each device reduces its own n rows and the
@@ -66,13 +73,15 @@ def vicreg_loss(z1: jnp.ndarray, z2: jnp.ndarray, invariance_weight: float = 25.
   Args:
     z1, z2: this device's expander outputs for the two views, [n, D]; row i of both is one
       image.
-    invariance_weight, variance_weight, covariance_weight: lambda, mu and nu of eq. 6.
+    invariance_weight, variance_weight, covariance_weight: lambda, mu and nu of eq. 6,
+      i.e. the authors' sim_coeff, std_coeff and cov_coeff (mu multiplies the average of the
+      two views' variance terms, as std_coeff does there).
     eps: added to the variance under the square root (eq. 1).
     axis_name: mesh axis the global batch is split over; None for one device.
 
   Returns:
     The loss (identical on every device), and metrics: the three unweighted terms
-    (invariance s, variance v(Z) + v(Z'), covariance c(Z) + c(Z')) and the mean standard
+    (invariance s, variance (v(Z) + v(Z')) / 2, covariance c(Z) + c(Z')) and the mean standard
     deviation of the embedding dimensions over both views.
   """
   n, dim = z1.shape
@@ -80,7 +89,7 @@ def vicreg_loss(z1: jnp.ndarray, z2: jnp.ndarray, invariance_weight: float = 25.
   invariance = parallel.psum(jnp.sum(jnp.square(z1 - z2)), axis_name) / (count * dim)
   v1, c1, std1 = variance_and_covariance_terms(z1, eps, axis_name)
   v2, c2, std2 = variance_and_covariance_terms(z2, eps, axis_name)
-  variance = v1 + v2
+  variance = (v1 + v2) / 2  # averaged over the views, as the authors' std_loss
   covariance_term = c1 + c2
   loss = (invariance_weight * invariance + variance_weight * variance +
           covariance_weight * covariance_term)

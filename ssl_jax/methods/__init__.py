@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from ssl_jax.methods.base import RunLength
+from ssl_jax.methods.base import Method, RunLength
 
 METHODS = {
     'simclr': 'ssl_jax.methods.simclr:SimCLR',
@@ -33,14 +33,17 @@ def method_class(name: str):
   return getattr(importlib.import_module(module), cls)
 
 
+def evaluated_variables(method, state):
+  """(params, batch_stats) of the TrainState `state` that evaluation scores: the online
+  networks, or those that the method's `evaluation_variables` names (DINO evaluates its
+  teacher, as the paper does)."""
+  return method.evaluation_variables(state.params, state.batch_stats, state.target_params,
+                                     state.method_state)
+
+
 def frozen_encoder(method, state):
-  """The encoder that evaluation scores, as a function of float images: `method.encode` on
-  the online networks of the TrainState `state`, or on the networks that the method's
-  `evaluation_variables` names (DINO evaluates its teacher, as the paper does)."""
-  params, batch_stats = state.params, state.batch_stats
-  if hasattr(method, 'evaluation_variables'):
-    params, batch_stats = method.evaluation_variables(params, batch_stats, state.target_params,
-                                                      state.method_state)
+  """The encoder that evaluation scores, as a function of float images."""
+  params, batch_stats = evaluated_variables(method, state)
   return lambda images: method.encode(params, batch_stats, images)
 
 

@@ -38,20 +38,18 @@ import jax.numpy as jnp
 
 from ssl_jax import parallel
 from ssl_jax.losses.info_nce import info_nce_with_negatives, l2_normalize
-from ssl_jax.methods.simclr import EncoderWithProjector
-from ssl_jax.models import DTYPES, build_encoder
-from ssl_jax.models.heads import ProjectionMLP
+from ssl_jax.methods.base import Method
+from ssl_jax.methods.common import EncoderWithProjector, encoder_with_projector
 
 
 @dataclasses.dataclass(frozen=True)
-class AdCo:
-  config: object
-  run_length: object = None
-
-  num_views: int = 2
+class AdCo(Method):
+  # MoCo's key encoder: a moving average of the whole query network, constant momentum.
+  target_networks = ('encoder', 'projector')
+  target_momentum_schedule = 'constant'
 
   @classmethod
-  def config_problems(cls, config) -> list[str]:
+  def method_problems(cls, config) -> list[str]:
     m = config.method
     problems = []
     # The paper's ImageNet values, to name a sensible fix.
@@ -59,47 +57,32 @@ class AdCo:
                         ('memory_lr', 3.0)):
       if not m[name] > 0:
         problems.append(f'method.{name}={m[name]} must be positive ({usual} in the paper).')
-    for name, usual in (('memory_momentum', 0.9), ('target_momentum', 0.999)):
-      if not 0 <= m[name] < 1:
-        problems.append(f'method.{name}={m[name]} must be in [0, 1) ({usual} in the paper).')
-    if not m.bank_size > 0:
-      problems.append(f'method.bank_size={m.bank_size} must be positive (65536 in the paper).')
+    if not 0 <= m.memory_momentum < 1:
+      problems.append(f'method.memory_momentum={m.memory_momentum} must be in [0, 1) (0.9 in '
+                      'the paper).')
+    if not m.queue_size > 0:
+      problems.append(f'method.queue_size={m.queue_size} must be positive: the number of '
+                      'adversarial negatives (65536 in the paper).')
     if not m.memory_weight_decay >= 0:
       problems.append(f'method.memory_weight_decay={m.memory_weight_decay} must be >= 0 '
                       '(1e-4 in the paper).')
-    if config.augment.num_local_crops:
-      problems.append('AdCo here uses two global views (multi-crop is not implemented): set '
-                      'augment.num_local_crops=0.')
     return problems
 
   def network(self, axis_name: str | None = None) -> EncoderWithProjector:
-    m = self.config.method
-    return EncoderWithProjector(
-        encoder=build_encoder(self.config.model, axis_name),
-        projector=ProjectionMLP(hidden_dim=m.projector_hidden_dim,
-                                output_dim=m.projector_output_dim,
-                                num_layers=m.projector_num_layers, last_bn=m.projector_last_bn,
-                                axis_name=axis_name, dtype=DTYPES[self.config.model.dtype]))
+    return encoder_with_projector(self.config, axis_name)
 
   def init(self, rng, images):
     net_rng, bank_rng = jax.random.split(rng)
-    variables = self.network().init(net_rng, images, train=False)
+    params, batch_stats = self.init_networks(net_rng, images)
     m = self.config.method
-    shape = (m.bank_size, m.projector_output_dim)
+    shape = (m.queue_size, m.projector_output_dim)
     state = {
         'negatives': jax.random.normal(bank_rng, shape, jnp.float32),
         'velocity': jnp.zeros(shape, jnp.float32),
         # Rows [0, filled) hold keys; adversarial updates start once the bank is full.
-        'filled': jnp.asarray(0 if m.init_bank_from_keys else m.bank_size, jnp.int32),
+        'filled': jnp.asarray(0 if m.init_bank_from_keys else m.queue_size, jnp.int32),
     }
-    return variables['params'], variables.get('batch_stats', {}), state
-
-  def init_target(self, params):
-    return jax.tree.map(jnp.copy, params)
-
-  def target_momentum(self, step):
-    del step  # constant, as in MoCo and AdCo
-    return jnp.asarray(self.config.method.target_momentum, jnp.float32)
+    return params, batch_stats, state
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
     del rng, step
@@ -139,7 +122,7 @@ class AdCo:
     new_state = self._update_bank(method_state, bank_grad,
                                   parallel.gather_rows_replicated(view2_keys, axis_name))
     metrics = dict(metrics, memory_loss=jax.lax.stop_gradient(memory_loss),
-                   bank_filled=method_state['filled'] / m.bank_size)
+                   bank_filled=method_state['filled'] / m.queue_size)
     return loss, (metrics, updates['batch_stats'], new_state)
 
   def _update_bank(self, state, bank_grad, keys):
@@ -151,13 +134,9 @@ class AdCo:
     ascended = bank - m.memory_lr * ascent_velocity
     rows = filled + jnp.arange(keys.shape[0])
     appended = bank.at[rows].set(keys, mode='drop')  # rows past the end are dropped
-    full = filled >= m.bank_size
+    full = filled >= m.queue_size
     return {
         'negatives': jnp.where(full, ascended, appended),
         'velocity': jnp.where(full, ascent_velocity, velocity),
-        'filled': jnp.minimum(filled + keys.shape[0], m.bank_size).astype(jnp.int32),
+        'filled': jnp.minimum(filled + keys.shape[0], m.queue_size).astype(jnp.int32),
     }
-
-  def encode(self, params, batch_stats, images):
-    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
-                                method=EncoderWithProjector.encode)

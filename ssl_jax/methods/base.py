@@ -2,15 +2,23 @@
 
 A method owns its networks, its loss and any state it keeps between steps; the trainer owns
 the mesh, the views, the optimizer, checkpoints and logging. Adding a method is one file in
-this package, registered in `methods/__init__.py`, plus one config: never a trainer change.
+this package (a subclass of `Method`), registered in `methods/__init__.py`, plus one config:
+never a trainer change.
+
+`Method` holds the defaults that most methods share, so a method file writes only what is its
+own: `network` and `loss`, and whichever optional hooks it needs. Every hook has a default
+here; the trainer calls them unconditionally, never probing with `hasattr`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import optax
 
 Params = Any
 Metrics = dict[str, jnp.ndarray]
@@ -23,19 +31,43 @@ class RunLength:
   steps_per_epoch: int
 
 
-class Method(Protocol):
+def cosine_momentum(base: float, step, total_steps: int):
+  """m(k) = 1 - (1 - m_0) (cos(pi k / K) + 1) / 2: from m_0 at step 0 to 1 at step K.
+
+  The target-momentum schedule of BYOL (Grill et al. 2020, Sec. 3.2), which MoCo v3 and DINO
+  adopt."""
+  one_minus = optax.cosine_decay_schedule(init_value=1.0 - base, decay_steps=total_steps)
+  return 1.0 - one_minus(step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
   """What the trainer calls. All functions are pure and jit-able.
 
-  A method class is constructed as `cls(config, run_length)`: the whole experiment config
-  (it reads `config.model` and `config.method`) and a `RunLength`.
+  A method is constructed as `cls(config, run_length)`: the whole experiment config (it reads
+  `config.model` and `config.method`) and a `RunLength`.
   """
+  config: Any
+  run_length: RunLength | None = None
 
   # How many global views of each image the loss wants; `config.augment.num_local_crops`
-  # adds multi-crop local views after them.
-  num_views: int
+  # adds multi-crop local views after them, for methods that set `multi_crop`.
+  num_views: ClassVar[int] = 2
+  multi_crop: ClassVar[bool] = False
+  # A momentum (target) network: the top-level networks of `params` that it averages (None:
+  # the method has none). The trainer sets target <- m target + (1 - m) online on exactly
+  # these subtrees after each optimizer step (optax.incremental_update), with m from
+  # `target_momentum`; a network the target does not use (BYOL's predictor) is left out.
+  target_networks: ClassVar[tuple[str, ...] | None] = None
+  # 'cosine' (`cosine_momentum`, from method.target_momentum to 1) or 'constant'.
+  target_momentum_schedule: ClassVar[str] = 'cosine'
 
-  def init(self, rng, images: jnp.ndarray) -> tuple[Params, Params, Any]:
-    """Returns (params, batch_stats, method_state) for a sample batch of float images."""
+  # --- What every method writes. ---
+
+  def network(self, axis_name: str | None = None) -> nn.Module:
+    """The online network. Its `encode(x)` method gives the frozen-encoder features;
+    BatchNorm layers synchronise over `axis_name` (None: local)."""
+    raise NotImplementedError
 
   def loss(self, params, batch_stats, target_params, method_state, views: list[jnp.ndarray],
            rng, step, axis_name: str | None) -> tuple[jnp.ndarray, tuple[Metrics, Params, Any]]:
@@ -46,17 +78,76 @@ class Method(Protocol):
     on every device) and (metrics, new batch_stats, new method_state); every cross-device
     reduction names `axis_name`, and the new method_state must be identical on every device.
     """
+    raise NotImplementedError
+
+  # --- Defaults, overridden where a method differs. ---
+
+  @classmethod
+  def config_problems(cls, config) -> list[str]:
+    """Config errors of this method, each naming its fix; `method_problems` adds the
+    method's own checks to the ones every method shares."""
+    problems = []
+    if config.augment.num_local_crops and not cls.multi_crop:
+      problems.append(f'{config.method.name} uses {cls.num_views} global views and no '
+                      'multi-crop: set augment.num_local_crops = 0.')
+    if cls.target_networks is not None:
+      m = config.method.get('target_momentum')
+      if m is None or not 0.0 <= m <= 1.0:
+        problems.append(f'method.target_momentum={m} must be in [0, 1] (the momentum of the '
+                        'target network; 1 freezes it).')
+    return problems + cls.method_problems(config)
+
+  @classmethod
+  def method_problems(cls, config) -> list[str]:
+    del config
+    return []
+
+  def init_networks(self, rng, images) -> tuple[Params, Params]:
+    """(params, batch_stats) of the online network for a sample batch of float images."""
+    variables = self.network().init(rng, images, train=False)
+    return variables['params'], variables.get('batch_stats', {})
+
+  def init(self, rng, images: jnp.ndarray) -> tuple[Params, Params, Any]:
+    """Returns (params, batch_stats, method_state); methods with state override this."""
+    params, batch_stats = self.init_networks(rng, images)
+    return params, batch_stats, {}
 
   def encode(self, params, batch_stats, images: jnp.ndarray) -> jnp.ndarray:
     """Frozen-encoder features [B, D] for evaluation (no projection head, inference BN)."""
+    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
+                                method='encode')
 
-  # Optional:
-  #   init_target(params) -> target_params, for methods with a momentum (target) network;
-  #   target_momentum(step) -> tau: the trainer sets target <- tau * target + (1 - tau) *
-  #     online through optax.incremental_update after each optimizer step;
-  #   after_update(params) -> params: a projection applied after each optimizer step (SwAV
-  #     normalises its prototypes);
-  #   evaluation_variables(params, batch_stats, target_params, method_state)
-  #     -> (params, batch_stats): the networks that evaluation passes to `encode`, when the
-  #     paper evaluates another network than the online one (DINO: the teacher);
-  #   config_problems(config) -> list[str] (a classmethod): config errors, each naming its fix.
+  def target_of(self, params) -> Params:
+    """The online subtrees that the target network averages."""
+    return {name: params[name] for name in self.target_networks}
+
+  def init_target(self, params) -> Params:
+    """The target starts as a copy of the online networks it averages ({} without one)."""
+    if self.target_networks is None:
+      return {}
+    return jax.tree.map(jnp.copy, self.target_of(params))
+
+  def target_momentum(self, step):
+    """m at optimizer step `step`, from `method.target_momentum`."""
+    base = self.config.method.target_momentum
+    if self.target_momentum_schedule == 'constant':
+      return jnp.asarray(base, jnp.float32)
+    return cosine_momentum(base, step, self.run_length.total_steps)
+
+  def frozen_steps(self) -> dict[tuple[str, ...], int]:
+    """Subtrees of `params` (key paths) that the optimizer leaves untouched for their first
+    N steps, as PyTorch's optimizers skip a parameter whose .grad is None: no update, no
+    weight decay, no optimizer-state change; then they start as a fresh optimizer at the
+    global learning rate (`optim.make_optimizer`). DINO freezes its last layer, SwAV its
+    prototypes."""
+    return {}
+
+  def after_update(self, params) -> Params:
+    """A projection applied after each optimizer step (SwAV normalises its prototypes)."""
+    return params
+
+  def evaluation_variables(self, params, batch_stats, target_params, method_state):
+    """(params, batch_stats) that evaluation passes to `encode`: the online networks, unless
+    the paper evaluates another network (DINO: the teacher)."""
+    del target_params, method_state
+    return params, batch_stats

@@ -14,7 +14,8 @@ As in the reference implementation:
   * the teacher temperature warms up linearly from `teacher_temperature_start` to
     `teacher_temperature` over `teacher_warmup_epochs` (per step here; the reference holds it
     constant within each epoch), then stays there;
-  * the head's last layer gets no gradient during the first `freeze_last_layer_epochs`.
+  * the head's last layer is frozen during the first `freeze_last_layer_epochs`: the
+    optimizer skips it (`frozen_steps`), as AdamW skips a parameter whose .grad is None.
 
 Evaluation (kNN, diagnostics, `ssl_jax.evaluate`, `ssl_jax.pretrained`) scores the teacher's
 backbone, as the paper does (its App. D finds the teacher better throughout training);
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from ssl_jax.losses import dino as dino_loss
+from ssl_jax.methods.base import Method
 from ssl_jax.models import DTYPES, build_encoder
 from ssl_jax.models.dino_head import DINOHead
 
@@ -52,23 +54,22 @@ class MultiCropNetwork(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class DINO:
-  config: object  # the whole experiment ConfigDict; this method reads .model and .method
-  run_length: object = None
-
-  num_views: int = 2
+class DINO(Method):
+  multi_crop = True
+  # The teacher is a moving average of the whole student (Sec. 3.1) and starts as its copy.
+  target_networks = ('encoder', 'head')
 
   def network(self, axis_name: str | None = None) -> MultiCropNetwork:
     m = self.config.method
     return MultiCropNetwork(
         encoder=build_encoder(self.config.model, axis_name),
-        head=DINOHead(output_dim=m.output_dim, hidden_dim=m.head_hidden_dim,
-                      bottleneck_dim=m.bottleneck_dim, num_layers=m.head_num_layers,
-                      norm_last_layer=m.norm_last_layer,
+        head=DINOHead(output_dim=m.num_prototypes, hidden_dim=m.projector_hidden_dim,
+                      bottleneck_dim=m.projector_output_dim,
+                      num_layers=m.projector_num_layers, norm_last_layer=m.norm_last_layer,
                       dtype=DTYPES[self.config.model.dtype]))
 
   @classmethod
-  def config_problems(cls, config) -> list[str]:
+  def method_problems(cls, config) -> list[str]:
     m = config.method
     problems = []
     for name in ('student_temperature', 'teacher_temperature', 'teacher_temperature_start'):
@@ -76,34 +77,30 @@ class DINO:
         problems.append(f'method.{name} must be positive.')
     if not 0.0 <= m.center_momentum < 1.0:
       problems.append('method.center_momentum must be in [0, 1) (the paper: 0.9).')
-    if not 0.0 <= m.teacher_momentum_base <= 1.0:
-      problems.append('method.teacher_momentum_base must be in [0, 1] (the paper: 0.996).')
-    if m.head_num_layers < 1:
-      problems.append('method.head_num_layers must be at least 1 (the paper: 3).')
-    if m.output_dim < 1:
-      problems.append('method.output_dim must be positive (the paper: 65536).')
+    if m.projector_num_layers < 1:
+      problems.append('method.projector_num_layers must be at least 1 (the paper: 3).')
+    if m.num_prototypes < 1:
+      problems.append('method.num_prototypes must be positive (the paper: 65536).')
     for name in ('teacher_warmup_epochs', 'freeze_last_layer_epochs'):
       if m[name] < 0:
         problems.append(f'method.{name} must be >= 0 (0 disables it).')
     return problems
 
   def init(self, rng, images):
-    variables = self.network().init(rng, images, train=False)
-    center = jnp.zeros((self.config.method.output_dim,), jnp.float32)
-    batch_stats = variables.get('batch_stats', {})
-    return variables['params'], batch_stats, {
+    params, batch_stats = self.init_networks(rng, images)
+    center = jnp.zeros((self.config.method.num_prototypes,), jnp.float32)
+    return params, batch_stats, {
         'center': center, 'teacher_batch_stats': jax.tree.map(jnp.copy, batch_stats)}
 
-  def init_target(self, params):
-    # The teacher starts as a copy of the student (Sec. 3.1).
-    return jax.tree.map(jnp.copy, params)
+  def frozen_steps(self) -> dict[tuple[str, ...], int]:
+    """The head's last layer is frozen for the first `freeze_last_layer_epochs`.
 
-  def target_momentum(self, step):
-    """lambda = 1 - (1 - lambda_base) (cos(pi k / K) + 1) / 2 (Sec. 3.1, after BYOL)."""
-    one_minus = optax.cosine_decay_schedule(
-        init_value=1.0 - self.config.method.teacher_momentum_base,
-        decay_steps=self.run_length.total_steps)
-    return 1.0 - one_minus(step)
+    As the reference (`cancel_gradients_last_layer` sets its .grad to None, so AdamW skips
+    it): no update, no weight decay and no optimizer-state change; it then starts as a fresh
+    Adam at the global learning rate. `optim.make_optimizer` implements it."""
+    m = self.config.method
+    return {('head', 'last_layer'):
+            round(m.freeze_last_layer_epochs * self.run_length.steps_per_epoch)}
 
   def teacher_temperature(self, step):
     m = self.config.method
@@ -120,12 +117,7 @@ class DINO:
     m = self.config.method
     g = self.num_views
     n = views[0].shape[0]
-    # The reference drops the last layer's gradients in the first epoch(s) to stabilise the
-    # start; a stop_gradient switch on the traced step does the same inside one jitted step.
-    frozen = step < round(m.freeze_last_layer_epochs * self.run_length.steps_per_epoch)
-    head = params['head']
-    params = {**params, 'head': {**head, 'last_layer': jax.tree.map(
-        lambda p: jnp.where(frozen, jax.lax.stop_gradient(p), p), head['last_layer'])}}
+    # The head's last layer is frozen in the optimizer (`frozen_steps`), not here.
 
     network = self.network(axis_name)
     global_crops = jnp.concatenate(views[:g], axis=0)
@@ -152,7 +144,3 @@ class DINO:
   def evaluation_variables(self, params, batch_stats, target_params, method_state):
     del params, batch_stats  # the student's
     return target_params, method_state['teacher_batch_stats']
-
-  def encode(self, params, batch_stats, images):
-    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
-                                method=MultiCropNetwork.encode)

@@ -11,38 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax.numpy as jnp
 
 from ssl_jax.losses.info_nce import nt_xent
 from ssl_jax.losses.negatives import debiased_nt_xent
-from ssl_jax.models import DTYPES, build_encoder
-from ssl_jax.models.heads import ProjectionMLP
+from ssl_jax.methods.base import Method
+from ssl_jax.methods.common import EncoderWithProjector, encoder_with_projector
 
 NEGATIVES = ('uniform', 'debiased', 'hard')
 
 
-class EncoderWithProjector(nn.Module):
-  encoder: nn.Module
-  projector: nn.Module
-
-  def __call__(self, x, train: bool = True):
-    features = self.encoder(x, train=train)
-    return features, self.projector(features, train=train)
-
-  def encode(self, x):
-    return self.encoder(x, train=False)
-
-
 @dataclasses.dataclass(frozen=True)
-class SimCLR:
-  config: object  # the whole experiment ConfigDict; this method reads .model and .method
-  run_length: object = None
-
-  num_views: int = 2
+class SimCLR(Method):
 
   @classmethod
-  def config_problems(cls, config) -> list[str]:
+  def method_problems(cls, config) -> list[str]:
     m = config.method
     negatives = m.get('negatives', 'uniform')
     if negatives not in NEGATIVES:
@@ -64,17 +47,7 @@ class SimCLR:
     return problems
 
   def network(self, axis_name: str | None = None) -> EncoderWithProjector:
-    m = self.config.method
-    return EncoderWithProjector(
-        encoder=build_encoder(self.config.model, axis_name),
-        projector=ProjectionMLP(hidden_dim=m.projector_hidden_dim,
-                                output_dim=m.projector_output_dim,
-                                num_layers=m.projector_num_layers, last_bn=m.projector_last_bn,
-                                axis_name=axis_name, dtype=DTYPES[self.config.model.dtype]))
-
-  def init(self, rng, images):
-    variables = self.network().init(rng, images, train=False)
-    return variables['params'], variables.get('batch_stats', {}), {}
+    return encoder_with_projector(self.config, axis_name)
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
     del target_params, rng, step  # SimCLR's loss is deterministic given the views.
@@ -95,7 +68,3 @@ class SimCLR:
     # 'debiased' is the hard-negative estimator without reweighting (beta = 0).
     beta = m.beta if negatives == 'hard' else 0.0
     return debiased_nt_xent(z1, z2, m.temperature, m.tau_plus, beta, axis_name)
-
-  def encode(self, params, batch_stats, images):
-    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
-                                method=EncoderWithProjector.encode)

@@ -18,47 +18,31 @@ import dataclasses
 import jax.numpy as jnp
 
 from ssl_jax.losses import regression
-from ssl_jax.methods.byol import EncoderProjectorPredictor, forward_views
-from ssl_jax.models import DTYPES, build_encoder
-from ssl_jax.models.heads import ProjectionMLP
+from ssl_jax.methods.base import Method
+from ssl_jax.methods.common import EncoderProjectorPredictor, forward_views, mlp, projector
+from ssl_jax.models import build_encoder
 
 
 @dataclasses.dataclass(frozen=True)
-class SimSiam:
-  config: object  # the whole experiment ConfigDict; this method reads .model and .method
-  run_length: object = None
-
-  num_views: int = 2
+class SimSiam(Method):
 
   def network(self, axis_name: str | None = None) -> EncoderProjectorPredictor:
     m = self.config.method
-    dtype = DTYPES[self.config.model.dtype]
     return EncoderProjectorPredictor(
         encoder=build_encoder(self.config.model, axis_name),
         # BN on the projector's output, without affine parameters, as the reference code.
-        projector=ProjectionMLP(hidden_dim=m.projector_hidden_dim,
-                                output_dim=m.projector_output_dim,
-                                num_layers=m.projector_num_layers, last_bn=True,
-                                axis_name=axis_name, dtype=dtype),
+        projector=projector(self.config, axis_name, last_bn=True),
         # The bottleneck (hidden < output) predictor of Sec. 3.
-        predictor=ProjectionMLP(hidden_dim=m.predictor_hidden_dim,
-                                output_dim=m.projector_output_dim, num_layers=2,
-                                axis_name=axis_name, dtype=dtype))
+        predictor=mlp(self.config.model, m.predictor_hidden_dim, m.projector_output_dim,
+                      axis_name))
 
   @classmethod
-  def config_problems(cls, config) -> list[str]:
-    problems = []
-    if config.augment.num_local_crops:
-      problems.append('SimSiam uses two global views only: set augment.num_local_crops = 0.')
+  def method_problems(cls, config) -> list[str]:
     # ProjectionMLP would silently build one layer for any count below 1.
     if config.method.projector_num_layers < 1:
-      problems.append('method.projector_num_layers must be >= 1 (the paper: 3 on ImageNet, '
-                      f'2 on CIFAR); got {config.method.projector_num_layers}.')
-    return problems
-
-  def init(self, rng, images):
-    variables = self.network().init(rng, images, train=False)
-    return variables['params'], variables.get('batch_stats', {}), {}
+      return ['method.projector_num_layers must be >= 1 (the paper: 3 on ImageNet, 2 on '
+              f'CIFAR); got {config.method.projector_num_layers}.']
+    return []
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
     del target_params, rng, step  # no target network; deterministic given the views.
@@ -76,7 +60,3 @@ class SimSiam:
         'z_spread': regression.embedding_spread(jnp.concatenate([z1, z2]), axis_name),
     }
     return (loss_12 + loss_21) / 2, (metrics, new_batch_stats, method_state)
-
-  def encode(self, params, batch_stats, images):
-    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
-                                method=EncoderProjectorPredictor.encode)

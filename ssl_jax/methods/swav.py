@@ -8,9 +8,9 @@ get codes, and low-resolution local crops, which only predict.
 As in the reference implementation:
   * crops of one resolution go through the encoder together (global crops, then local
     crops), and the projection head then sees all crops as one batch;
-  * the prototypes are l2-normalised after every optimizer step (`after_update`), and
-    receive no gradient during the first `freeze_prototypes_steps` steps;
-  * with `queue_length` > 0, from epoch `queue_start_epoch` on, the embeddings of the global
+  * the prototypes are l2-normalised after every optimizer step (`after_update`), and the
+    optimizer skips them during the first `freeze_prototypes_steps` steps (`frozen_steps`);
+  * with `queue_size` > 0, from epoch `queue_start_epoch` on, the embeddings of the global
     crops of the last steps join the Sinkhorn problem (scored against the current prototypes)
     once the queue is full, which keeps the equipartition meaningful for small batches.
     The queue holds the global batch's embeddings (gathered from all devices, newest first),
@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from ssl_jax import parallel
 from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.losses.sinkhorn import sinkhorn_knopp, swapped_prediction
-from ssl_jax.models import DTYPES, build_encoder
-from ssl_jax.models.heads import ProjectionMLP
+from ssl_jax.methods.base import Method
+from ssl_jax.methods.common import mlp
+from ssl_jax.models import build_encoder
 
 
 class Prototypes(nn.Module):
@@ -75,23 +76,19 @@ class MultiCropSwAVNetwork(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class SwAV:
-  config: object  # the whole experiment ConfigDict; this method reads .model and .method
-  run_length: object = None
-
-  num_views: int = 2
+class SwAV(Method):
+  multi_crop = True
 
   def network(self, axis_name: str | None = None) -> MultiCropSwAVNetwork:
     m = self.config.method
     return MultiCropSwAVNetwork(
         encoder=build_encoder(self.config.model, axis_name),
-        projector=ProjectionMLP(hidden_dim=m.projector_hidden_dim,
-                                output_dim=m.projector_output_dim, num_layers=2,
-                                axis_name=axis_name, dtype=DTYPES[self.config.model.dtype]),
+        projector=mlp(self.config.model, m.projector_hidden_dim, m.projector_output_dim,
+                      axis_name),
         prototypes=Prototypes(m.num_prototypes))
 
   @classmethod
-  def config_problems(cls, config) -> list[str]:
+  def method_problems(cls, config) -> list[str]:
     m = config.method
     problems = []
     if m.num_prototypes < 1:
@@ -102,25 +99,31 @@ class SwAV:
       problems.append('method.sinkhorn_iterations must be at least 1 (the paper: 3).')
     if m.freeze_prototypes_steps < 0:
       problems.append('method.freeze_prototypes_steps must be >= 0 (0 disables freezing).')
-    if m.queue_length < 0:
-      problems.append('method.queue_length must be >= 0 (0 disables the queue).')
+    if m.queue_size < 0:
+      problems.append('method.queue_size must be >= 0 (0 disables the queue).')
     if m.queue_start_epoch < 0:
       problems.append('method.queue_start_epoch must be >= 0.')
-    if m.queue_length > 0 and m.queue_length < config.batch_size:
-      problems.append(f'method.queue_length={m.queue_length} is shorter than one global batch '
+    if m.queue_size > 0 and m.queue_size < config.batch_size:
+      problems.append(f'method.queue_size={m.queue_size} is shorter than one global batch '
                       f'({config.batch_size}): set it to 0 (no queue) or a multiple of '
                       'batch_size (the paper: 3840 for batch 256).')
     return problems
 
   def init(self, rng, images):
-    variables = self.network().init(rng, images, train=False)
+    params, batch_stats = self.init_networks(rng, images)
     m = self.config.method
     state = {}
-    if m.queue_length:
-      state = {'queue': jnp.zeros((self.num_views, m.queue_length, m.projector_output_dim),
+    if m.queue_size:
+      state = {'queue': jnp.zeros((self.num_views, m.queue_size, m.projector_output_dim),
                                   jnp.float32),
                'queue_filled': jnp.zeros((), jnp.int32)}
-    return variables['params'], variables.get('batch_stats', {}), state
+    return params, batch_stats, state
+
+  def frozen_steps(self) -> dict[tuple[str, ...], int]:
+    """The prototypes are frozen for the first `freeze_prototypes_steps`, which helps the
+    codes settle first: the reference sets their .grad to None, so its SGD/LARS skips them
+    entirely (no weight decay, no momentum) until then."""
+    return {('prototypes',): self.config.method.freeze_prototypes_steps}
 
   def after_update(self, params):
     """Projects the prototypes back to the unit sphere (the reference does so before each
@@ -133,11 +136,7 @@ class SwAV:
     m = self.config.method
     g = self.num_views
     n = views[0].shape[0]
-    # Freezing by stop_gradient keeps the step jittable with a traced `step`; the reference
-    # drops these gradients for its first iterations, which helps the codes settle first.
-    frozen = step < m.freeze_prototypes_steps
-    params = {**params, 'prototypes': jax.tree.map(
-        lambda p: jnp.where(frozen, jax.lax.stop_gradient(p), p), params['prototypes'])}
+    # The prototypes are frozen in the optimizer (`frozen_steps`), not here.
     local_crops = jnp.concatenate(views[g:], axis=0) if len(views) > g else None
     (z, scores), updates = self.network(axis_name).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:g], axis=0),
@@ -149,9 +148,9 @@ class SwAV:
     prototypes = jax.lax.stop_gradient(params['prototypes']['kernel'])
     codes = []
     new_state = method_state
-    if m.queue_length:
+    if m.queue_size:
       queue = method_state['queue']
-      use_queue = method_state['queue_filled'] >= m.queue_length
+      use_queue = method_state['queue_filled'] >= m.queue_size
       for v in range(g):
         codes.append(sinkhorn_knopp(scores[v], m.epsilon, m.sinkhorn_iterations, axis_name,
                                     extra_scores=queue[v] @ prototypes, use_extra=use_queue))
@@ -168,7 +167,7 @@ class SwAV:
     crop (gathered in device order, the single-device row order) push out the oldest."""
     m = self.config.method
     queue = method_state['queue']
-    length = m.queue_length
+    length = m.queue_size
     # The replicated gather: all_gather's result is typed device-varying, which shard_map
     # refuses as state returned replicated (out_specs P()).
     fresh = jnp.stack([parallel.gather_rows_replicated(z, axis_name)
@@ -182,7 +181,3 @@ class SwAV:
                                                       length),
                                   method_state['queue_filled']),
     }
-
-  def encode(self, params, batch_stats, images):
-    return self.network().apply({'params': params, 'batch_stats': batch_stats}, images,
-                                method=MultiCropSwAVNetwork.encode)

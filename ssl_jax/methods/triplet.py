@@ -12,23 +12,24 @@ import dataclasses
 import jax.numpy as jnp
 
 from ssl_jax.losses.triplet import FALLBACKS, semihard_triplet
-from ssl_jax.methods.simclr import SimCLR
+from ssl_jax.methods.base import Method
+from ssl_jax.methods.common import EncoderWithProjector, encoder_with_projector
 
 
 @dataclasses.dataclass(frozen=True)
-class Triplet(SimCLR):
+class Triplet(Method):
+
+  def network(self, axis_name: str | None = None) -> EncoderWithProjector:
+    return encoder_with_projector(self.config, axis_name)
 
   @classmethod
-  def config_problems(cls, config) -> list[str]:
+  def method_problems(cls, config) -> list[str]:
     m = config.method
     problems = []
     if not m.margin > 0:
       problems.append(f'method.margin={m.margin} must be positive (0.2 in FaceNet).')
     if m.fallback not in FALLBACKS:
       problems.append(f'method.fallback={m.fallback!r} is unknown; use one of {FALLBACKS}.')
-    if config.augment.num_local_crops:
-      problems.append('The triplet loss uses two global views: set '
-                      'augment.num_local_crops=0.')
     return problems
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):

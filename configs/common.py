@@ -1,0 +1,83 @@
+"""What the method configs share: their arguments, the backbone block with the Fashion-MNIST
+CPU recipe, and BYOL's augmentation, which five other methods' papers reuse."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ssl_jax import config_lib
+
+# Native image side per dataset, for ResNet runs (which train at full resolution).
+IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
+              'tfds:stl10': 96, 'tfds:imagenet2012': 224}
+
+
+def parse_arg(arg: str | None, **extra) -> ml_collections.ConfigDict:
+  """The arguments every method config takes (after ':' on the command line): backbone
+  (convnet | resnet18 | resnet34 | resnet50), batch and epochs (0: the recipe's), dataset
+  (fashion_mnist | tfds:<name>) and crop (training crop side; 0: the recipe's); `extra` adds
+  a config's own, with their defaults."""
+  return config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
+                              dataset='fashion_mnist', crop=0, **extra)
+
+
+def method_config(arg, name: str) -> ml_collections.ConfigDict:
+  """The base config for method `name` on the argument's dataset."""
+  c = config_lib.base_config()
+  c.data.name = arg.dataset
+  c.method.name = name
+  return c
+
+
+def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float,
+                 resnet_batch: int, resnet_warmup_epochs: float = 10.0,
+                 cpu_warmup_epochs: float = 1.0,
+                 cpu_crop_scale: tuple[float, float] | None = (0.2, 1.0)) -> None:
+  """The backbone and the recipe fields that go with it, from the `backbone`, `dataset`,
+  `crop`, `batch` and `epochs` arguments.
+
+  'convnet' is the CPU recipe for Fashion-MNIST chosen in configs/simclr.py: a 16-32-64
+  ConvNet with two convs per stage on 16-pixel crops, evaluated at 1.25 x the crop side
+  (FixRes), 16 epochs, batch 256, `cpu_warmup_epochs` of warm-up, crop scale
+  `cpu_crop_scale` (0.08 leaves blank patches of these centred objects; None keeps the
+  config's, for multi-crop recipes) and the kNN monitor every 500 steps. At these crops
+  Gaussian blur's kernel (10 % of the side, made odd) is one pixel, so blur does nothing:
+  SimCLR likewise drops blur on 32-pixel CIFAR-10 (its App. B.9); set
+  augment.blur_kernel_size (e.g. 3) to blur anyway.
+  A ResNet trains at the dataset's native resolution (CIFAR-style stem up to 64 pixels) with
+  the paper's `paper_epochs`, batch `resnet_batch` and `resnet_warmup_epochs`.
+  """
+  c.model.name = arg.backbone
+  if arg.backbone == 'convnet':
+    c.model.widths = (16, 32, 64)
+    c.model.convs_per_stage = 2
+    c.augment.crop_size = arg.crop or 16
+    c.eval.image_size = round(c.augment.crop_size * 1.25)
+    c.num_epochs = arg.epochs or 16.0
+    c.eval_every_steps = 500
+    c.batch_size = arg.batch or 256
+    c.optimizer.warmup_epochs = cpu_warmup_epochs
+    if cpu_crop_scale is not None:
+      c.augment.crop_scale = cpu_crop_scale
+  else:
+    side = IMAGE_SIDE.get(arg.dataset, 224)
+    c.model.width = 64
+    c.model.small_images = side <= 64
+    c.augment.crop_size = arg.crop or side
+    c.num_epochs = arg.epochs or paper_epochs
+    c.eval_every_steps = 5000
+    c.batch_size = arg.batch or resnet_batch
+    c.optimizer.warmup_epochs = resnet_warmup_epochs
+
+
+def byol_augmentation(a: ml_collections.ConfigDict) -> None:
+  """BYOL's asymmetric augmentation (Grill et al. 2020, Table 6), which MoCo v3, Barlow
+  Twins, VICReg, NNCLR and DINO adopt: colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8,
+  grayscale p = 0.2, blur always on view 1 and with p = 0.1 on view 2, solarisation on view 2
+  only (p = 0.2)."""
+  a.brightness, a.contrast, a.saturation, a.hue = 0.4, 0.4, 0.2, 0.1
+  a.jitter_prob = 0.8
+  a.grayscale_prob = 0.2
+  a.blur_sigma = (0.1, 2.0)
+  a.per_view.blur_prob = (1.0, 0.1)
+  a.per_view.solarize_prob = (0.0, 0.2)

@@ -1,0 +1,84 @@
+"""Networks and helpers that several methods share; no method file imports another."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from ssl_jax.models import DTYPES, build_encoder
+from ssl_jax.models.heads import ProjectionMLP
+
+
+class EncoderWithProjector(nn.Module):
+  """features -> projection z. SimCLR's network, and the target network of BYOL and MoCo."""
+  encoder: nn.Module
+  projector: nn.Module
+
+  def __call__(self, x, train: bool = True):
+    features = self.encoder(x, train=train)
+    return features, self.projector(features, train=train)
+
+  def encode(self, x):
+    return self.encoder(x, train=False)
+
+
+class EncoderProjectorPredictor(nn.Module):
+  """The online network of BYOL, SimSiam, MoCo v3 and NNCLR: features -> projection z ->
+  prediction p.
+
+  The encoder and projector submodules carry the same names as in `EncoderWithProjector`, so
+  those two subtrees of these parameters are a valid `EncoderWithProjector` (the target).
+  """
+  encoder: nn.Module
+  projector: nn.Module
+  predictor: nn.Module
+
+  def __call__(self, x, train: bool = True):
+    z = self.projector(self.encoder(x, train=train), train=train)
+    return z, self.predictor(z, train=train)
+
+  def encode(self, x):
+    return self.encoder(x, train=False)
+
+
+def mlp(model_config, hidden_dim: int, output_dim: int, axis_name: str | None,
+        num_layers: int = 2, last_bn: bool = False) -> ProjectionMLP:
+  """A projector or predictor MLP (BatchNorm in its hidden layers, synchronised over
+  `axis_name`) in the model's compute dtype."""
+  return ProjectionMLP(hidden_dim=hidden_dim, output_dim=output_dim, num_layers=num_layers,
+                       last_bn=last_bn, axis_name=axis_name, dtype=DTYPES[model_config.dtype])
+
+
+def projector(config, axis_name: str | None, last_bn: bool | None = None) -> ProjectionMLP:
+  """The projector of `config.method`'s `projector_*` fields."""
+  m = config.method
+  return mlp(config.model, m.projector_hidden_dim, m.projector_output_dim, axis_name,
+             num_layers=m.get('projector_num_layers', 2),
+             last_bn=m.get('projector_last_bn', False) if last_bn is None else last_bn)
+
+
+def encoder_with_projector(config, axis_name: str | None,
+                           last_bn: bool | None = None) -> EncoderWithProjector:
+  """`config.model`'s encoder and `config.method`'s projector."""
+  return EncoderWithProjector(encoder=build_encoder(config.model, axis_name),
+                              projector=projector(config, axis_name, last_bn))
+
+
+def forward_views(network: nn.Module, params, batch_stats, views):
+  """Each view through `network` in training mode, one after the other, as the reference
+  implementations of BYOL, SimSiam, MoCo, Barlow Twins and VICReg do: every BatchNorm then
+  normalises a view with that view's own (global-batch) statistics, and the running averages
+  are updated once per view. Returns the list of outputs and the running statistics after
+  all views."""
+  outputs = []
+  for view in views:
+    out, updates = network.apply({'params': params, 'batch_stats': batch_stats}, view,
+                                 train=True, mutable=['batch_stats'])
+    batch_stats = updates['batch_stats']
+    outputs.append(out)
+  return outputs, batch_stats
+
+
+def mean_metrics(metrics: list[dict]) -> dict:
+  """The element-wise mean of several metrics dicts (a symmetrised loss's two terms)."""
+  return jax.tree.map(lambda *xs: sum(xs) / len(xs), *metrics)
