@@ -3,8 +3,8 @@
 A freshly initialised network holds BatchNorm running statistics of mean 0 and variance 1,
 which have nothing to do with the activations its layers see; scored in inference mode, its
 features then depend on how far each layer's true statistics happen to sit from (0, 1), which
-changes with the seed. Before the random-init encoder is scored, `refreshed_frozen_encoder` replaces those statistics with the
-population statistics of each BatchNorm layer's input: the encoder runs in training mode
+changes with the seed. Before the random-init encoder is scored, `refreshed_frozen_encoder`
+replaces those statistics with the population statistics of each BatchNorm layer's input: the encoder runs in training mode
 (every layer normalised by its batch's statistics, as during training) over
 `config.eval.bn_refresh_batches` batches of `config.eval.batch_size` training images,
 preprocessed exactly as evaluation preprocesses them, and each layer's mean and (biased)
@@ -14,12 +14,8 @@ means), not an exponential moving average that would still carry 0.9^K of the in
 values. The weights are untouched.
 
 Only the baseline is refreshed: a trained encoder is scored with the statistics its training
-produced. Measured: the refreshed baseline scores lower than the unrefreshed one (default
-ConvNet, 600-step run, 20,000-image bank, 5,000 queries: 0.706, where the README's table has
-0.769 for the unrefreshed one on the full splits), and its kNN still moves with the seed,
-through the random weights (default ConvNet, seeds 0 and 1: 0.679, 0.709 on 5,000 queries;
-the shrunk 4-8 ConvNet of the method tests, seeds 0-3 on 2,000 queries: 0.641, 0.564, 0.578,
-0.579 refreshed, 0.656, 0.642, 0.605, 0.642 unrefreshed).
+produced. The refreshed baseline scores lower than the unrefreshed one, and its kNN still
+moves with the seed through the random weights (README, "Evaluating a trained encoder").
 
 Every method's network has an `encoder` submodule built by
 `ssl_jax.models.build_encoder(config.model, axis_name)`, whose parameters and statistics sit
