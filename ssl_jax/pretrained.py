@@ -39,7 +39,7 @@ class Pretrained:
   def initial_state(self):
     """The same networks at their random initialisation (the run's seed): the baseline the
     trained encoder should beat."""
-    return self.setup.init_fn(jax.random.PRNGKey(self.config.seed))
+    return self.setup.init_state()
 
 
 def load(workdir: str, step: int | None = None) -> Pretrained:

@@ -70,7 +70,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   iterator = pipeline.make_train_iterator(train_source,
                                           global_batch_size=config.batch_size,
                                           seed=config.seed, worker_count=config.data.worker_count)
-  state = setup.init_fn(jax.random.PRNGKey(config.seed))
+  state = setup.init_state()
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   state, iterator, restored_step = ckpt.restore_or_keep(state, iterator)
@@ -193,7 +193,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   results = {'step': step}
   if step == total_steps and stopped_by is None:
     # The random-init baseline is re-created rather than kept: the step donates its input.
-    initial = setup.init_fn(jax.random.PRNGKey(config.seed)) if config.eval.baselines else None
+    initial = setup.init_state() if config.eval.baselines else None
     results.update(final_evaluation(config, method, state, initial))
     if observer is not None:
       results.update(observer(step, frozen_encoder(method, state), final=True))
