@@ -5,7 +5,8 @@ negatives.
   ssl-jax-train --config=configs/adco.py:backbone=resnet50,dataset=tfds:imagenet2012 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch, epochs, dataset
-(fashion_mnist | tfds:<name>), crop (training crop side; 0 picks one for the dataset).
+(fashion_mnist | tfds:<name> | folder:<path>), crop (training crop side; 0 picks one for the
+dataset).
 
 With a ResNet backbone the paper's ImageNet recipe applies (github.com/maple-research-lab/AdCo,
 README commands and ops/argparser.py): K = 65536 negatives, encoder temperature 0.12, bank

@@ -4,8 +4,8 @@
   ssl-jax-train --config=configs/barlow_twins.py:backbone=resnet50,dataset=tfds:imagenet2012 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch (0 picks the recipe's),
-epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name>), crop (training crop
-side; 0 picks one for the dataset).
+epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name> | folder:<path>), crop
+(training crop side; 0 picks one for the dataset).
 
 With a ResNet backbone this is the paper's ImageNet recipe (Sec. 4 and the reference code):
 a 3-layer 8192-8192-8192 projector (Linear-BN-ReLU twice, then Linear), lambda = 0.0051,

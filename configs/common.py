@@ -8,15 +8,18 @@ import ml_collections
 from ssl_jax import config_lib
 
 # Native image side per dataset, for ResNet runs (which train at full resolution).
+# Anything else (other TFDS datasets, 'folder:<path>') trains at ImageNet's 224.
 IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
               'tfds:stl10': 96, 'tfds:imagenet2012': 224}
+# The ConvNet CPU recipe's crop for datasets of larger images than Fashion-MNIST's.
+CONVNET_LARGE_IMAGE_CROP = 64
 
 
 def parse_arg(arg: str | None, **extra) -> ml_collections.ConfigDict:
   """The arguments every method config takes (after ':' on the command line): backbone
   (convnet | resnet18 | resnet34 | resnet50), batch and epochs (0: the recipe's), dataset
-  (fashion_mnist | tfds:<name>) and crop (training crop side; 0: the recipe's); `extra` adds
-  a config's own, with their defaults."""
+  (fashion_mnist | tfds:<name> | folder:<path>) and crop (training crop side; 0: the
+  recipe's); `extra` adds a config's own, with their defaults."""
   return config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
                               dataset='fashion_mnist', crop=0, **extra)
 
@@ -25,6 +28,10 @@ def method_config(arg, name: str) -> ml_collections.ConfigDict:
   """The base config for method `name` on the argument's dataset."""
   c = config_lib.base_config()
   c.data.name = arg.dataset
+  if arg.dataset == 'tfds:stl10':
+    # STL-10 is made for self-supervision: its 100k unlabelled images plus the 5k labelled
+    # training images, as the papers train on it; the labelled splits evaluate.
+    c.data.train_split = 'train+unlabelled'
   c.method.name = name
   return c
 
@@ -51,7 +58,8 @@ def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float,
   if arg.backbone == 'convnet':
     c.model.widths = (16, 32, 64)
     c.model.convs_per_stage = 2
-    c.augment.crop_size = arg.crop or 16
+    side = IMAGE_SIDE.get(arg.dataset, 224)
+    c.augment.crop_size = arg.crop or (16 if side <= 32 else CONVNET_LARGE_IMAGE_CROP)
     c.eval.image_size = round(c.augment.crop_size * 1.25)
     c.num_epochs = arg.epochs or 16.0
     c.eval_every_steps = 500

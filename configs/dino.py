@@ -4,8 +4,8 @@
   ssl-jax-train --config=configs/dino.py:backbone=resnet50,dataset=tfds:imagenet2012 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch (0 picks the recipe's),
-epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name>), crop (training crop
-side; 0 picks one for the dataset).
+epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name> | folder:<path>), crop
+(training crop side; 0 picks one for the dataset).
 
 With a ResNet backbone the defaults are the paper's training recipe (Sec. 4, "Implementation
 details"): batch 1024, 100 epochs, AdamW with lr 0.0005 x B/256 after 10 warm-up epochs and

@@ -4,8 +4,8 @@
   ssl-jax-train --config=configs/moco_v2.py:backbone=resnet50,dataset=tfds:imagenet2012 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch, epochs, dataset
-(fashion_mnist | tfds:<name>), crop (training crop side; 0 picks one for the dataset),
-symmetric (add the swapped-views loss term; off in the paper).
+(fashion_mnist | tfds:<name> | folder:<path>), crop (training crop side; 0 picks one for the
+dataset), symmetric (add the swapped-views loss term; off in the paper).
 
 With a ResNet backbone the paper's ImageNet recipe applies (MoCo v2, 200 epochs): SGD with
 momentum 0.9, lr 0.03 x B/256, weight decay 1e-4, cosine decay without warm-up; queue of

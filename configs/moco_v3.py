@@ -4,8 +4,8 @@
   ssl-jax-train --config=configs/moco_v3.py:backbone=resnet50,dataset=tfds:imagenet2012,batch=4096 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch (0: the recipe's, 4096
-for ResNets, 256 for the ConvNet), epochs, dataset
-(fashion_mnist | tfds:<name>), crop (training crop side; 0 picks one for the dataset).
+for ResNets, 256 for the ConvNet), epochs, dataset (fashion_mnist | tfds:<name> |
+folder:<path>), crop (training crop side; 0 picks one for the dataset).
 
 With a ResNet backbone the paper's ResNet-50 recipe applies: batch 4096, LARS with
 lr 0.3 x B/256, weight decay 1.5e-6, 10 warm-up epochs then cosine decay, 300 epochs;

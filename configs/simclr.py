@@ -4,7 +4,8 @@
   ssl-jax-train --config=configs/simclr.py:backbone=resnet50,dataset=tfds:imagenet2012,batch=4096,epochs=100 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch, epochs, dataset
-(fashion_mnist | tfds:<name>), crop (training crop side; 0 picks one for the dataset).
+(fashion_mnist | tfds:<name> | folder:<path>), crop (training crop side; 0 picks one for the
+dataset).
 
 The default is the CPU recipe for Fashion-MNIST: a small ConvNet trained on 16-pixel crops,
 which on 2 cores sees 16 epochs in minutes (README has the numbers). XLA's CPU

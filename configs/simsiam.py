@@ -4,8 +4,8 @@
   ssl-jax-train --config=configs/simsiam.py:backbone=resnet50,dataset=tfds:imagenet2012 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch (0 picks the recipe's),
-epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name>), crop (training crop
-side; 0 picks one for the dataset).
+epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name> | folder:<path>), crop
+(training crop side; 0 picks one for the dataset).
 
 With a ResNet backbone the defaults are the paper's ImageNet recipe (Sec. 3, App. A): batch
 512, 100 epochs, SGD with momentum 0.9, lr 0.05 x B/256 on a cosine schedule without

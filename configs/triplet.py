@@ -5,7 +5,8 @@ views of each image.
   ssl-jax-train --config=configs/triplet.py:backbone=resnet50,dataset=tfds:imagenet2012,batch=4096 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch, epochs, dataset
-(fashion_mnist | tfds:<name>), crop (training crop side; 0 picks one for the dataset).
+(fashion_mnist | tfds:<name> | folder:<path>), crop (training crop side; 0 picks one for the
+dataset).
 
 FaceNet's loss values apply everywhere: margin alpha = 0.2 on squared distances between
 l2-normalised 128-dimensional embeddings, semi-hard negatives mined in the batch (here the

@@ -4,8 +4,8 @@
   ssl-jax-train --config=configs/vicreg.py:backbone=resnet50,dataset=tfds:imagenet2012 ...
 
 Arguments: backbone (convnet | resnet18 | resnet34 | resnet50), batch (0 picks the recipe's),
-epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name>), crop (training crop
-side; 0 picks one for the dataset).
+epochs (0 picks the recipe's), dataset (fashion_mnist | tfds:<name> | folder:<path>), crop
+(training crop side; 0 picks one for the dataset).
 
 With a ResNet backbone this is the paper's ImageNet recipe (Sec. 4.1 and Appendix C): a
 3-layer 8192-8192-8192 expander, lambda = mu = 25 and nu = 1 in eq. 6, eps = 1e-4 in eq. 1,

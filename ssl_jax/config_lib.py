@@ -60,13 +60,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'           # 'bfloat16' computes in bf16, parameters stay float32
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'fashion_mnist'       # or 'tfds:<name>', e.g. 'tfds:cifar10'
+  # 'fashion_mnist', 'tfds:<name>' (e.g. 'tfds:cifar10', 'tfds:imagenet2012') or
+  # 'folder:<path>' (class sub-folders give labels; a flat folder is unlabelled).
+  c.data.name = 'fashion_mnist'
   c.data.data_dir = config_dict.placeholder(str)
   c.data.download = False
-  c.data.train_split = 'train'
+  c.data.train_split = 'train'        # labels optional (e.g. stl10's 'unlabelled')
+  # The labelled images of the kNN monitor and the final evaluation: '' = data.name. With no
+  # labels there, label-based evaluation is off (said in the log); named here explicitly, a
+  # source without labels is an error.
+  c.data.eval_name = ''
   c.data.eval_train_split = 'train'   # kNN memory bank (labels used only for evaluation)
-  c.data.eval_split = 'test'
-  c.data.worker_count = 0
+  c.data.eval_split = 'test'          # queries; a folder without test/ uses val/
+  # Input worker processes: -1 = as many as the host has cores (up to 16) for encoded
+  # images, which are decoded and cropped on the host, and none for in-memory arrays.
+  c.data.worker_count = -1
+  # An image that cannot be decoded is replaced by the next one with a warning naming it
+  # (and counted); False makes it an error.
+  c.data.skip_corrupt = True
 
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_size = 28
@@ -106,7 +117,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.knn_k = 200
   c.eval.knn_temperature = 0.07
   c.eval.batch_size = 1024
-  c.eval.image_size = 0               # resize evaluation images to this side; 0 = as stored
+  # Evaluation resolution. Images stored at one size (Fashion-MNIST, CIFAR) are resized to
+  # this side (0: as stored). Encoded, variable-size images get the short side resized to
+  # resize_size (0: image_size x 256/224) and the central square of image_size (0: the
+  # training crop): torchvision's Resize(256) + CenterCrop(224) at ImageNet.
+  c.eval.image_size = 0
+  c.eval.resize_size = 0
   c.eval.periodic_bank_size = 10000   # the periodic kNN monitor uses the first examples only
   c.eval.periodic_test_size = 2000
   c.eval.final_bank_size = 0          # 0 = the whole split, for the final evaluation
@@ -251,9 +267,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         "optimizer.lr_scaling must be 'linear', 'sqrt' or 'none'.")
   check(config.optimizer.base_lr > 0, 'optimizer.base_lr must be positive.')
   check(config.optimizer.warmup_epochs >= 0, 'optimizer.warmup_epochs must be >= 0.')
-  check(config.data.name in sources.KNOWN_SOURCES or config.data.name.startswith('tfds:'),
-        f'data.name={config.data.name!r} is unknown; use one of {sorted(sources.KNOWN_SOURCES)} '
-        "or 'tfds:<dataset name>'.")
+  for field in ('name', 'eval_name'):
+    name = config.data.get(field, '')
+    check((field == 'eval_name' and not name) or sources.is_known_name(name),
+          f'data.{field}={name!r} is unknown; use one of {sorted(sources.KNOWN_SOURCES)}, '
+          "'tfds:<dataset name>' or 'folder:<path>'.")
+  check(config.data.get('worker_count', 0) >= -1,
+        'data.worker_count must be >= 0, or -1 for the default.')
   a = config.augment
   check(a.crop_size > 0, 'augment.crop_size must be positive.')
   check(a.blur_kernel_size == 0 or a.blur_kernel_size % 2 == 1,
@@ -276,7 +296,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   e = config.eval
   check(e.knn_k > 0, 'eval.knn_k must be positive.')
   check(e.knn_temperature > 0, 'eval.knn_temperature must be positive.')
-  check(e.batch_size > 0, 'eval.batch_size must be positive.')
+  check(e.batch_size > 0 and e.batch_size % num_devices == 0,
+        f'eval.batch_size={e.batch_size} must be a positive multiple of the {num_devices} '
+        'devices, over which evaluation batches are sharded.')
+  check(e.get('resize_size', 0) >= 0 and e.image_size >= 0,
+        'eval.image_size and eval.resize_size must be >= 0 (0: the default).')
   check(e.get('bn_refresh_batches', 0) >= 0,
         'eval.bn_refresh_batches must be >= 0 (0 scores the random-init baseline with its '
         'initial BatchNorm statistics).')

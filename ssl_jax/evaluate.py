@@ -43,11 +43,14 @@ _COLUMNS = (('knn_top1', 'kNN'), ('linear_top1', 'linear'), ('lowlabel_1%', '1% 
 def evaluate_features(train, test, evals, *, knn_k=200, knn_temperature=0.07, seed=0,
                       num_classes=None, diagnostics_fn=None) -> dict:
   """The chosen evaluations of one encoder, given its features: `train` and `test` are
-  (features, labels) pairs. `diagnostics_fn()` returns the diagnostics dict."""
+  (features, labels) pairs, or None without labelled images. `diagnostics_fn()` returns the
+  diagnostics dict."""
   from ssl_jax.evaluation import knn, linear, lowlabel
 
-  (x_train, y_train), (x_test, y_test) = train, test
   row = {}
+  if train is None:  # no labelled images: the label-free evaluations only
+    evals = [name for name in evals if name == 'diagnostics']
+  (x_train, y_train), (x_test, y_test) = train or (None, None), test or (None, None)
   if 'knn' in evals:
     row['knn_top1'] = knn.knn_accuracy(x_train, y_train, x_test, y_test, k=knn_k,
                                        temperature=knn_temperature, num_classes=num_classes)
@@ -86,9 +89,8 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
   workdir/evaluation/step_<step>.json (and the embedding plot beside it)."""
   import numpy as np
 
-  from ssl_jax import pretrained
-  from ssl_jax.data import pipeline, sources
-  from ssl_jax.evaluation import batch_norm, features
+  from ssl_jax import parallel, pretrained
+  from ssl_jax.evaluation import batch_norm, eval_data
   from ssl_jax.evaluation.monitor import DiagnosticsMonitor
   from ssl_jax.methods import frozen_encoder
 
@@ -97,14 +99,18 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
     raise ValueError(f'Unknown --evals {unknown}; choose from {EVALS}.')
   model = pretrained.load(workdir, step)
   config = model.config
-  d, e = config.data, config.eval
-  bank = sources.get_source(d.name, d.eval_train_split, data_dir=d.data_dir,
-                            download=d.download)
-  test = sources.get_source(d.name, d.eval_split, data_dir=d.data_dir, download=d.download)
-  train_images, train_labels = pipeline.make_eval_arrays(bank, bank_size or None)
-  test_images, test_labels = pipeline.make_eval_arrays(test, test_size or None)
-  num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
-  monitor = DiagnosticsMonitor.from_config(config)
+  e = config.eval
+  evaluation_plan = eval_data.plan(config)
+  labelled_evals = [name for name in evals if name != 'diagnostics']
+  if labelled_evals and not evaluation_plan.labelled:
+    raise eval_data.EvaluationConfigError(
+        f'--evals={",".join(labelled_evals)} need labelled images, but '
+        f'{evaluation_plan.off_reason} Or run only --evals=diagnostics.')
+  monitor = DiagnosticsMonitor.from_config(config, evaluation_plan)
+  # Batches sharded over every device when the batch size allows it.
+  mesh = parallel.make_mesh()
+  if e.batch_size % mesh.devices.size:
+    mesh = None
 
   def raw_pixels(x):
     return x.reshape(x.shape[0], -1)
@@ -117,31 +123,49 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
         config, model.method, model.initial_state())
     encoders['raw pixels'] = raw_pixels
 
-  rows, trained_test_features = {}, None
+  bank = queries = None
+  if evaluation_plan.labelled:
+    bank = evaluation_plan.bank.limited(bank_size)
+    queries = evaluation_plan.queries.limited(test_size)
+  num_classes = (len(evaluation_plan.class_names) if evaluation_plan.class_names else None)
+  rows, embedded = {}, None
   for name, encode_fn in encoders.items():
+    raw = encode_fn is raw_pixels
+    diagnostics_fn = lambda: monitor.measure(encode_fn)[0]
+    if bank is None:
+      rows[name] = evaluate_features(None, None, evals, diagnostics_fn=diagnostics_fn)
+      continue
+    if raw and bank.image_dims > eval_data.MAX_RAW_PIXEL_DIMS:
+      logging.info('Raw pixels left out: %d values per image is too many for a bank.',
+                   bank.image_dims)
+      continue
     logging.info('Evaluating %s...', name)
-    size = None if encode_fn is raw_pixels else (e.image_size or None)
-    extract = lambda images: features.extract_features(encode_fn, images, e.batch_size, size)
-    x_train, x_test = extract(train_images), extract(test_images)
-    if trained_test_features is None:
-      trained_test_features = x_test
+    image_size = None if (raw or bank.transform is not None) else (e.image_size or None)
+    extract = lambda s: eval_data.stream_features(encode_fn, s, e.batch_size, image_size,
+                                                  mesh, raw_pixels=raw)
+    train, test = extract(bank), extract(queries)
+    if embedded is None:
+      embedded = test
     rows[name] = evaluate_features(
-        (x_train, train_labels), (x_test, test_labels), evals, knn_k=e.knn_k,
-        knn_temperature=e.knn_temperature, seed=seed, num_classes=num_classes,
-        diagnostics_fn=lambda: monitor.measure(encode_fn)[0])
+        train, test, evals, knn_k=e.knn_k, knn_temperature=e.knn_temperature, seed=seed,
+        num_classes=num_classes or int(max(train[1].max(), test[1].max()) + 1),
+        diagnostics_fn=diagnostics_fn)
+  if embedded is None:  # no labelled images: the diagnostics images, uncoloured
+    embedded = (monitor.measure(encoders['trained encoder'])[1], monitor.labels)
 
   out_dir = os.path.join(workdir, 'evaluation')
   os.makedirs(out_dir, exist_ok=True)
-  result = {'step': model.step, 'num_train': len(train_labels), 'num_test': len(test_labels),
+  result = {'step': model.step, 'num_train': 0 if bank is None else bank.num_examples,
+            'num_test': len(embedded[1]) if queries is None else queries.num_examples,
             'rows': rows}
   with open(os.path.join(out_dir, f'step_{model.step}.json'), 'w') as f:
     json.dump(result, f, indent=2, default=lambda v: np.asarray(v).tolist())
   if embedding != 'none':
     from ssl_jax.evaluation import plots
+    test_features, test_labels = embedded
     shown = min(len(test_labels), 5000)  # enough to see the clusters, fast to draw
-    figure = plots.embedding_figure(trained_test_features[:shown], test_labels[:shown],
-                                    sources.class_names(d.name, d.data_dir), method=embedding,
-                                    seed=seed)
+    figure = plots.embedding_figure(test_features[:shown], test_labels[:shown],
+                                    evaluation_plan.class_names, method=embedding, seed=seed)
     plots.save_figure(figure, os.path.join(out_dir, f'embedding_step_{model.step}.png'))
   return result
 

@@ -70,7 +70,8 @@ def build(config, *, num_train_examples: int, image_channels: int, mesh=None) ->
   tx = optim.make_optimizer(config.optimizer, schedule, method.frozen_steps())
   probe = None
   if config.eval.online_probe:
-    num_classes = sources.source_info(config.data.name, config.data.data_dir).num_classes
+    num_classes = sources.source_info(config.data.name, config.data.data_dir,
+                                      split=config.data.train_split).num_classes
     probe = OnlineProbe(num_classes, config.eval.online_probe_lr)
   size = config.augment.crop_size
   sample = jnp.zeros((2, size, size, image_channels), jnp.float32)

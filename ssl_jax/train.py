@@ -13,7 +13,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from ssl_jax import checkpoint, config_lib, experiment, parallel, preemption
-from ssl_jax.data import pipeline, sources
+from ssl_jax.data import augment, host_crop, pipeline, sources
+from ssl_jax.evaluation import eval_data
 from ssl_jax.evaluation.final import final_evaluation
 from ssl_jax.evaluation.monitor import KnnEvaluator
 from ssl_jax.evaluation.observer import RepresentationObserver
@@ -44,9 +45,27 @@ def build(config, mesh=None):
   d = config.data
   train_source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir,
                                     download=d.download)
+  if config.eval.online_probe and not getattr(train_source, 'has_labels', True):
+    raise config_lib.ConfigError(
+        f'eval.online_probe trains a classifier on the training labels, but {train_source!r} '
+        'has none: set --config.eval.online_probe=False, or train on a labelled split.')
+  channels = getattr(train_source, 'channels', None) or train_source[0]['image'].shape[-1]
   built = experiment.build(config, num_train_examples=len(train_source),
-                           image_channels=train_source[0]['image'].shape[-1], mesh=mesh)
+                           image_channels=channels, mesh=mesh)
   return built, train_source
+
+
+def make_train_iterator(config, method, train_source):
+  """The training batches: images as stored (the devices crop them), or for encoded,
+  variable-size images each view decoded and cropped on the host (`data.host_crop`)."""
+  crop_specs = None
+  if getattr(train_source, 'encoded', False):
+    crop_specs = host_crop.crop_specs(augment.view_configs(config.augment, method.num_views))
+  return pipeline.make_train_iterator(
+      train_source, global_batch_size=config.batch_size, seed=config.seed,
+      worker_count=eval_data.worker_count(config, train_source), crop_specs=crop_specs,
+      channels=getattr(train_source, 'channels', 3),
+      skip_corrupt=config.data.get('skip_corrupt', True))
 
 
 def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
@@ -67,9 +86,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     config_lib.save_json(config, os.path.join(workdir, CONFIG_FILE))
-  iterator = pipeline.make_train_iterator(train_source,
-                                          global_batch_size=config.batch_size,
-                                          seed=config.seed, worker_count=config.data.worker_count)
+  # Before any work: a label-based evaluation asked of images without labels is an error.
+  evaluation_plan = eval_data.plan(config, train_source)
+  eval_data.announce(evaluation_plan)
+  iterator = make_train_iterator(config, method, train_source)
   state = setup.init_state()
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
@@ -87,10 +107,12 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   monitor = None
   if config.eval_every_steps:
     monitor = KnnEvaluator.from_config(config, config.eval.periodic_bank_size,
-                                       config.eval.periodic_test_size)
+                                       config.eval.periodic_test_size, evaluation_plan, mesh)
   observer = None
   if config.eval.diagnostics:
-    observer = RepresentationObserver(config, workdir, writer, resume_step=step)
+    observer = RepresentationObserver(config, workdir, writer, resume_step=step,
+                                      evaluation_plan=evaluation_plan)
+  skipped_images = 0  # undecodable images this call replaced (data.skip_corrupt)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   last_step = min(total_steps, stop_at_step or total_steps)
@@ -134,8 +156,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
     try:
       while step < last_step:
         batch = next(iterator)
-        images, labels = parallel.global_batch_from_host((batch['image'], batch['label']),
-                                                         mesh)
+        if 'skipped' in batch:
+          skipped_images += int(batch['skipped'].sum())
+        images = batch['views'] if 'views' in batch else batch['image']
+        images, labels = parallel.global_batch_from_host((images, batch['label']), mesh)
         state, metrics = train_step(state, images, labels)
         pending.append(metrics)
         step += 1
@@ -150,6 +174,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
                      jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
           elapsed = time.monotonic() - window_start
           summary['images_per_sec'] = window_steps * config.batch_size / elapsed
+          if skipped_images:
+            summary['data/skipped_images'] = skipped_images
+            logging.warning('%d undecodable image(s) skipped so far (this host; each named in '
+                            'a warning above).', skipped_images)
           writer.write_scalars(step, summary)
           logging.info('step %d/%d: loss %.4f, %.0f images/s, ~%.0f s left', step,
                        total_steps, summary['loss'], summary['images_per_sec'],
@@ -157,11 +185,12 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
           if not np.isfinite(summary['loss']):
             check_finite()  # raises, naming the first step with a non-finite loss
           pending, window_start, window_steps = [], time.monotonic(), 0
-        if monitor is not None and step % config.eval_every_steps == 0:
+        if config.eval_every_steps and step % config.eval_every_steps == 0:
           eval_start = time.monotonic()
           with report.timed('eval'):
             encode_fn = frozen_encoder(method, state)
-            writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode_fn)})
+            if monitor is not None:
+              writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode_fn)})
             if observer is not None:
               observer(step, encode_fn)
           window_start += time.monotonic() - eval_start  # images/s counts training time only
@@ -194,7 +223,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   if step == total_steps and stopped_by is None:
     # The random-init baseline is re-created rather than kept: the step donates its input.
     initial = setup.init_state() if config.eval.baselines else None
-    results.update(final_evaluation(config, method, state, initial))
+    results.update(final_evaluation(config, method, state, initial, evaluation_plan, mesh))
     if observer is not None:
       results.update(observer(step, frozen_encoder(method, state), final=True))
     # The observer wrote its diagnostics/ scalars already.
@@ -207,6 +236,6 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   # How this call ran, for callers and tests (not written to results.json): the checkpoint it
   # resumed from (None: none), the steps it trained, and the signal that stopped it early.
   results.update(restored_step=restored_step, steps_run=step - start_step,
-                 stopped_by=stopped_by)
+                 stopped_by=stopped_by, skipped_images=skipped_images)
   return state, results
 

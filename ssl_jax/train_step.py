@@ -17,16 +17,23 @@ from ssl_jax import parallel
 from ssl_jax.data import augment
 
 
+def _batch_rows(images) -> int:
+  """Rows of a batch given as stored images or as one host-cropped array per view."""
+  return jax.tree.leaves(images)[0].shape[0]
+
+
 def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
                     schedule: optax.Schedule | None = None, probe=None):
   """Returns `train_step(state, images, labels=None) -> (state, metrics)`, jitted, donating
-  the state. With an `OnlineProbe`, the labels train it on the encoder's frozen features."""
+  the state. `images` is the uint8 batch as stored (views are cropped on the devices) or a
+  tuple of uint8 views cropped on the host, one per view (`data.host_crop`). With an
+  `OnlineProbe`, the labels train it on the encoder's frozen features."""
   axis = parallel.DATA_AXIS
   view_cfgs = augment.view_configs(augment_cfg, method.num_views)
 
   def device_loss(params, probe_params, batch_stats, target_params, method_state, images,
                   labels, aug_rng, loss_rng, step):
-    first_row = parallel.global_row_offset(images.shape[0], axis)
+    first_row = parallel.global_row_offset(_batch_rows(images), axis)
     views = augment.augment_views(aug_rng, images, view_cfgs, first_row)
     loss, (metrics, new_stats, new_state) = method.loss(
         params, batch_stats, target_params, method_state, views, loss_rng, step, axis)
@@ -86,7 +93,7 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
 
   def with_labels(images, labels):
     if labels is None:  # without a probe the labels are not read
-      labels = jnp.zeros(images.shape[:1], jnp.int32, device=sharded)
+      labels = jnp.zeros((_batch_rows(images),), jnp.int32, device=sharded)
     return labels
 
   def step_fn(state, images, labels=None):

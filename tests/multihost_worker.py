@@ -60,9 +60,26 @@ def _recording_writer(*args, **kwargs):
 metric_writers.create_default_writer = _recording_writer
 state, results = train.train_and_evaluate(config, workdir)
 leaves = jax.tree.leaves(jax.device_get(state.params))
+
+# Evaluation features streamed over the mesh, each host reading its rows of every batch
+# (the last one padded), against this process reading every row itself.
+from ssl_jax.evaluation import eval_data  # noqa: E402
+from ssl_jax.methods import frozen_encoder  # noqa: E402
+
+setup, _ = train.build(config)
+encode_fn = frozen_encoder(setup.method, state)
+queries = eval_data.plan(config).queries.limited(100)
+sharded, sharded_labels = eval_data.stream_features(encode_fn, queries, 16,
+                                                    config.eval.image_size, setup.mesh)
+local, local_labels = eval_data.stream_features(encode_fn, queries, 16,
+                                                config.eval.image_size)
+streamed = {'rows': len(sharded), 'labels_equal': bool((sharded_labels == local_labels).all()),
+            'max_difference': float(np.max(np.abs(sharded - local))),
+            'max_feature': float(np.max(np.abs(local)))}
 if jax.process_index() == 0:
   np.savez(out, *leaves, step=int(state.step))
 print('RESULT ' + json.dumps({
     'devices': jax.device_count(), 'processes': jax.process_count(), 'step': int(state.step),
     'restored_step': results['restored_step'], 'steps_run': results['steps_run'],
-    'stopped_by': results['stopped_by'], 'losses': losses}), flush=True)
+    'stopped_by': results['stopped_by'], 'losses': losses, 'streamed': streamed}),
+      flush=True)

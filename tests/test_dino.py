@@ -343,6 +343,8 @@ def _assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
+@pytest.mark.slow  # `pytest -m slow`: the default suite resumes MoCo v2, AdCo, SwAV and the
+# generic tests/test_resume.py through the same whole-TrainState checkpoint
 def test_resume_gives_identical_state(tmp_path):
   config = _config()
   config.augment.num_local_crops = 0  # resume does not depend on them; compiles faster

@@ -139,6 +139,8 @@ def test_bad_config_names_the_fix(field, value, message):
     config_lib.validate(config, 8)
 
 
+@pytest.mark.slow  # `pytest -m slow`: the default suite resumes MoCo v2, AdCo, SwAV and the
+# generic tests/test_resume.py through the same whole-TrainState checkpoint
 def test_resumed_run_ends_with_identical_state(tmp_path):
   """The momentum encoder, whose schedule depends on the step, survives a checkpoint."""
   config = _config()

@@ -56,6 +56,12 @@ def test_two_processes_equal_one_and_resume(tmp_path):
   second = _launch(2, str(tmp_path / 'w2'), multi)   # resumes from step 2 on both hosts
   for r in second:  # restored the checkpoint of step 2 and trained only steps 3 and 4
     assert (r['step'], r['restored_step'], r['steps_run'], r['stopped_by']) == (4, 2, 2, None)
+    # Evaluation features streamed over both hosts' devices (each reading its rows of every
+    # batch, the last one padded) come in order with their labels, equal to one process
+    # reading every row itself.
+    streamed = r['streamed']
+    assert streamed['rows'] == 100 and streamed['labels_equal']
+    assert streamed['max_difference'] <= 1e-5 * streamed['max_feature']
   # The loss of every step, on both processes, equals the one-process run's.
   expected = [reference['losses'][str(k)] for k in range(1, 5)]
   for p in range(2):

@@ -30,13 +30,15 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
+from ssl_jax.data import host_crop
+
 Array = jax.Array
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 # torchvision's RandomResizedCrop tries 10 boxes before falling back.
-CROP_ATTEMPTS = 10
+CROP_ATTEMPTS = host_crop.CROP_ATTEMPTS
 
 
 def _is_rgb(image: Array) -> bool:
@@ -106,15 +108,8 @@ def _uniform_offset(u: Array, num_positions: Array) -> Array:
 
 
 def _central_crop_box(height: int, width: int, ratio: Sequence[float]) -> Array:
-  # torchvision's fallback: the largest central box whose aspect ratio lies within `ratio`.
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    w, h = int(round(height * max(ratio))), height
-  else:
-    w, h = width, height
-  return jnp.array([(height - h) // 2, (width - w) // 2, h, w], jnp.int32)
+  # torchvision's fallback, shared with the host sampler (static: the shape is known).
+  return jnp.array(host_crop.central_crop_box(height, width, ratio), jnp.int32)
 
 
 def crop_and_resize(image: Array, box: Array, out_size: Sequence[int]) -> Array:
@@ -368,15 +363,21 @@ def default_simclr_config() -> ml_collections.ConfigDict:
   ))
 
 
-def simclr_view(key: Array, image: Array, cfg: Any) -> Array:
+def simclr_view(key: Array, image: Array, cfg: Any, crop: bool = True) -> Array:
   """One SimCLR view: crop -> flip -> colour jitter -> grayscale -> blur -> solarize.
 
   `cfg` is read by attribute and must hold Python values (it is static under jit). Optional
   attributes: `blur_kernel_size` (0 or absent: ~10% of crop_size) and `solarize_threshold` (0.5).
+  `crop=False` takes `image` to be the view's crop already, made on the host from the original
+  image (`data.host_crop`); the other ops then draw exactly what they would after a crop.
   """
   k_crop, k_flip, k_jitter, k_gray, k_blur, k_solar = jax.random.split(key, 6)
   size = (cfg.crop_size, cfg.crop_size)
-  image = random_resized_crop(k_crop, image, size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+  if crop:
+    image = random_resized_crop(k_crop, image, size, tuple(cfg.crop_scale),
+                                tuple(cfg.crop_ratio))
+  elif image.shape[:2] != size:
+    raise ValueError(f'A host-cropped view must be {size}, got {image.shape[:2]}.')
   image = horizontal_flip(k_flip, image, cfg.flip_prob)
   image = color_jitter(k_jitter, image, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue,
                        cfg.jitter_prob)
@@ -438,19 +439,25 @@ def _as_dict(cfg: Any) -> dict:
   return dict(cfg)
 
 
-def augment_views(key: Array, images_uint8: Array, view_cfgs: Sequence[Any],
-                  start_index: int | Array = 0) -> list[Array]:
+def augment_views(key: Array, images_uint8: Array | Sequence[Array],
+                  view_cfgs: Sequence[Any], start_index: int | Array = 0) -> list[Array]:
   """One augmented view of a uint8 batch [B, H, W, C] per entry of `view_cfgs`.
 
-  Returns float32 arrays [B, s, s, C] in [0, 1], s being each view's crop_size. Keys come
-  from `example_keys`, so example i's views depend only on (key, start_index + i, view).
+  `images_uint8` is either the batch as stored (each view is cropped from it here) or one
+  uint8 batch [B, s, s, C] per view, already cropped on the host (variable-size images,
+  `data.host_crop`). Returns float32 arrays [B, s, s, C] in [0, 1], s being each view's
+  crop_size. Keys come from `example_keys`, so example i's views depend only on
+  (key, start_index + i, view).
   """
-  images = images_uint8.astype(jnp.float32) / 255.0
+  cropped = isinstance(images_uint8, (tuple, list))
+  if cropped and len(images_uint8) != len(view_cfgs):
+    raise ValueError(f'{len(images_uint8)} host-cropped views for {len(view_cfgs)} views.')
   # A Python loop over views: vmapping over views as well compiled ~50% slower on XLA:CPU,
   # and multi-crop views differ in size anyway.
   views = []
   for v, view_cfg in enumerate(view_cfgs):
-    per_example = jax.vmap(lambda k, x, c=view_cfg: simclr_view(k, x, c))
+    images = (images_uint8[v] if cropped else images_uint8).astype(jnp.float32) / 255.0
+    per_example = jax.vmap(lambda k, x, c=view_cfg: simclr_view(k, x, c, crop=not cropped))
     keys = _shard_like(example_keys(key, v, images.shape[0], start_index), images)
     views.append(per_example(keys, images))
   return views

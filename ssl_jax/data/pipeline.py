@@ -18,6 +18,15 @@ per-host batch, read with a single vectorised numpy gather (`get_batch`) instead
 (~20 us/example here, 100x the gather) and, with striding ``[h::P]`` for hosts, interleaves
 the hosts' rows within the global batch.
 
+Encoded, variable-size images (folders, ImageNet) cannot be batched as stored: for those the
+graph is per example, ``grain.MapDataset.range(host examples).map(crop_example)
+.batch(b)``, where ``crop_example`` reads the record at the example's stream position,
+decodes it and cuts one random-resized crop per view (`host_crop`), the randomness of view v
+drawn from (seed, position, v) alone. One element is still one host batch, now of fixed-size
+views, and the iterator state is the same kind of position, so everything below holds for
+both. `make_eval_iterator` reads evaluation batches the same way, in order, padded at the
+end, with the evaluation transform (short-side resize, central crop) for encoded images.
+
 Checkpointing the iterator with orbax
 -------------------------------------
 ``iter(...)`` returns a grain ``DatasetIterator``; its state is ``{'next_index': step}``
@@ -54,14 +63,19 @@ different number of hosts with ``iterator.set_state({'next_index': step})`` (wor
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
-__all__ = ['make_eval_arrays', 'make_train_iterator', 'read_batch']
+from ssl_jax.data import host_crop
+
+__all__ = ['EvalTransform', 'make_eval_arrays', 'make_eval_iterator', 'make_train_iterator',
+           'read_batch']
 
 
 def read_batch(source: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -81,13 +95,15 @@ def read_batch(source: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np
           'label': np.array([int(r['label']) for r in records], np.int32)}
 
 
-class _ReadHostBatch:
-  """Step t -> this host's rows of global batch t (a picklable grain map function)."""
+class _StreamOrder:
+  """Where each position of the example stream comes from (picklable, for grain workers).
 
-  def __init__(self, source, *, num_records: int, global_batch_size: int,
-               host_batch_size: int, host_offset: int, seed: int, shuffle: bool,
-               total_positions: int | None):
-    self.source = source
+  Position p of the stream is record ``permutation(p // N)[p % N]``; host h's rows of global
+  batch t are positions ``[t * B + h * b, t * B + (h + 1) * b)``.
+  """
+
+  def __init__(self, *, num_records: int, global_batch_size: int, host_batch_size: int,
+               host_offset: int, seed: int, shuffle: bool, total_positions: int | None):
     self.num_records = num_records
     self.global_batch_size = global_batch_size
     self.host_batch_size = host_batch_size
@@ -123,29 +139,112 @@ class _ReadHostBatch:
         self._perms[epoch] = perm
       return perm
 
-  def indices(self, step: int) -> np.ndarray:
-    """Record indices of this host's rows of global batch `step`."""
+  def host_positions(self, step: int) -> np.ndarray:
+    """Stream positions of this host's rows of global batch `step`."""
     start = step * self.global_batch_size + self.host_offset
     stop = start + self.host_batch_size
     if self.total_positions is not None:
       stop = min(stop, self.total_positions)
-    positions = np.arange(start, stop, dtype=np.int64)
+    return np.arange(start, stop, dtype=np.int64)
+
+  def position(self, element: int) -> int:
+    """Stream position of this host's `element`-th example (row-major over its batches)."""
+    step, row = divmod(element, self.host_batch_size)
+    return step * self.global_batch_size + self.host_offset + row
+
+  def records(self, positions: np.ndarray) -> np.ndarray:
+    """Record indices at stream `positions`."""
+    positions = np.asarray(positions, np.int64)
     epochs, within = np.divmod(positions, self.num_records)
     out = np.empty_like(positions)
-    for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+    for epoch in range(int(epochs.min()), int(epochs.max()) + 1):
       mask = epochs == epoch
       out[mask] = self.permutation(epoch)[within[mask]]
     return out
 
+  def indices(self, step: int) -> np.ndarray:
+    """Record indices of this host's rows of global batch `step`."""
+    return self.records(self.host_positions(step))
+
+
+class _ReadHostBatch:
+  """Step t -> this host's rows of global batch t, with one vectorised read."""
+
+  def __init__(self, source, order: _StreamOrder):
+    self.source, self.order = source, order
+
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    return read_batch(self.source, self.indices(int(step)))
+    return read_batch(self.source, self.order.indices(int(step)))
+
+
+# A file that cannot be read (OSError) or decoded.
+_UNREADABLE = (host_crop.ImageDecodeError, OSError)
+
+# Consecutive undecodable images after which a run stops even with data.skip_corrupt: a
+# mounted-but-empty disk or a wrong format looks like this, not like a few bad files.
+MAX_CONSECUTIVE_CORRUPT = 64
+
+
+class _CropExample:
+  """This host's `element`-th example -> {'views', 'label', 'skipped'}: the record at its
+  stream position decoded and cropped once per view (`host_crop`), each view's randomness
+  from (seed, position, view) only, so any number of hosts or workers, and a resumed run,
+  make the same views.
+
+  An image that cannot be decoded is replaced by the record at the next stream position
+  (deterministic, so the batch is the same for any number of workers) after a warning that
+  names it; 'skipped' counts the replacements. With `skip_corrupt=False` it is an error.
+  """
+
+  def __init__(self, source, order: _StreamOrder, specs, *, channels: int,
+               skip_corrupt: bool):
+    self.source, self.order, self.specs = source, order, tuple(specs)
+    self.channels, self.skip_corrupt = channels, skip_corrupt
+
+  def __call__(self, element: int) -> dict[str, Any]:
+    position = self.order.position(int(element))
+    skipped = 0
+    while True:
+      index = int(self.order.records([position + skipped])[0])
+      try:
+        record = self.source[index]
+        image = host_crop.decode_image(record['image'], self.channels)
+        break
+      except _UNREADABLE as e:
+        problem = _corrupt(self.source, index, e, self.skip_corrupt)
+        skipped += 1
+        if skipped >= MAX_CONSECUTIVE_CORRUPT:
+          raise ValueError(f'{skipped} consecutive images could not be decoded, the last: '
+                           f'{problem}. Check the data.') from e
+    views = host_crop.random_views(image, self.specs, self.order.seed, position)
+    return {'views': views, 'label': np.int32(record['label']), 'skipped': np.int32(skipped)}
+
+
+def _corrupt(source, index: int, error: Exception, skip: bool) -> str:
+  """Warns about (or, unless `skip`, raises for) an image that cannot be decoded."""
+  what = f'{source.describe(index)}: {error}'
+  if not skip:
+    raise ValueError(f'Cannot decode {what}. Remove or replace the file, or set '
+                     '--config.data.skip_corrupt=True to skip such images with a warning.'
+                     ) from error
+  # Once per file and process: a bad file comes round every epoch; the count says how often.
+  if what not in _WARNED:
+    _WARNED.add(what)
+    logging.warning('Skipping an image that cannot be decoded (it is replaced by the next '
+                    'image; the count is reported): %s', what)
+  return what
+
+
+_WARNED: set[str] = set()
 
 
 def make_train_iterator(source: Any, *, global_batch_size: int, seed: int,
                         process_index: int | None = None, process_count: int | None = None,
                         num_epochs: int | None = None, shuffle: bool = True,
                         drop_remainder: bool = True, worker_count: int = 0,
-                        read_options: grain.ReadOptions | None = None
+                        read_options: grain.ReadOptions | None = None,
+                        crop_specs: Sequence[host_crop.CropSpec] | None = None,
+                        channels: int = 3, skip_corrupt: bool = True
                         ) -> grain.DatasetIterator:
   """An iterator of this host's training batches, checkpointable with get_state/set_state.
 
@@ -161,11 +260,21 @@ def make_train_iterator(source: Any, *, global_batch_size: int, seed: int,
     drop_remainder: with finite `num_epochs`, drop the last incomplete global batch (else
       it is returned smaller; single host only).
     worker_count: grain worker processes (`mp_prefetch`); 0 reads in this process.
-    read_options: grain thread prefetching in each process; default 1 thread, 2 batches.
+    read_options: grain thread prefetching in each process; default 1 thread, 2 batches
+      (with `crop_specs`: the host's cores shared out between the processes, since Pillow
+      releases the GIL).
+    crop_specs: for encoded, variable-size images (`source.encoded`): the views to crop on
+      the host from each decoded image (`host_crop.crop_specs`). None reads the images as
+      stored, for the devices to crop.
+    channels: with `crop_specs`, the decoded images' channels (3: RGB, 1: luma).
+    skip_corrupt: with `crop_specs`, replace an image that cannot be decoded by the next
+      one, with a warning naming it (else raise).
 
   Returns:
     A grain `DatasetIterator` of {'image': uint8 [per_host, H, W, C], 'label': int32
-    [per_host]}. See the module docstring for saving it with orbax.
+    [per_host]}, or with `crop_specs` of {'views': (uint8 [per_host, s, s, C] per view),
+    'label': int32 [per_host], 'skipped': int32 [per_host]} ('skipped': how many
+    undecodable images each row replaced). See the module docstring for saving it with orbax.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -209,17 +318,40 @@ def make_train_iterator(source: Any, *, global_batch_size: int, seed: int,
           f'{global_batch_size}; lower the batch size or raise num_epochs.')
 
   host_batch_size = global_batch_size // process_count
-  read_fn = _ReadHostBatch(
-      source, num_records=num_records, global_batch_size=global_batch_size,
+  order = _StreamOrder(
+      num_records=num_records, global_batch_size=global_batch_size,
       host_batch_size=host_batch_size, host_offset=process_index * host_batch_size,
       seed=int(seed), shuffle=shuffle, total_positions=total_positions)
-  if read_options is None:
-    read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-  dataset = grain.MapDataset.range(num_steps).map(read_fn).to_iter_dataset(read_options)
+  if crop_specs is None:
+    if getattr(source, 'encoded', False):
+      raise ValueError(f'{source!r} holds encoded images of varying size: pass crop_specs '
+                       'to decode and crop them on the host.')
+    if read_options is None:
+      read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    dataset = grain.MapDataset.range(num_steps).map(_ReadHostBatch(source, order))
+  else:
+    if read_options is None:
+      read_options = _decode_read_options(worker_count, host_batch_size)
+    if total_positions is None:
+      num_elements = sys.maxsize // host_batch_size * host_batch_size
+    else:  # single host when the last batch is partial
+      num_elements = num_steps * host_batch_size if drop_remainder else total_positions
+    crop = _CropExample(source, order, crop_specs, channels=channels,
+                        skip_corrupt=skip_corrupt)
+    dataset = grain.MapDataset.range(num_elements).map(crop).batch(host_batch_size)
+  dataset = dataset.to_iter_dataset(read_options)
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(dataset)
+
+
+def _decode_read_options(worker_count: int, host_batch_size: int) -> grain.ReadOptions:
+  """Threads for per-example decoding: Pillow releases the GIL while it decodes and resizes,
+  so threads run in parallel; the host's cores are shared out between the worker processes
+  (or all go to this process without workers)."""
+  threads = max(1, (os.cpu_count() or 1) // max(1, worker_count))
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * host_batch_size)
 
 
 def _ensure_absl_flags_parsed():
@@ -232,9 +364,118 @@ def _ensure_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
+class EvalTransform(NamedTuple):
+  """The evaluation transform of encoded, variable-size images: the short side resized to
+  `resize_size`, then the central `crop_size` square (256 / 224 at ImageNet)."""
+  resize_size: int
+  crop_size: int
+  channels: int = 3
+
+
+class _EvalGeometry(NamedTuple):
+  num_examples: int
+  global_batch_size: int
+  host_batch_size: int
+  host_offset: int
+
+  def position(self, element: int) -> int:
+    step, row = divmod(element, self.host_batch_size)
+    return step * self.global_batch_size + self.host_offset + row
+
+
+class _ReadEvalBatch:
+  """Step t -> this host's rows of evaluation batch t, padded past the last example."""
+
+  def __init__(self, source, geometry: _EvalGeometry):
+    self.source, self.geometry = source, geometry
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    g = self.geometry
+    positions = g.position(int(step) * g.host_batch_size) + np.arange(g.host_batch_size)
+    valid = positions < g.num_examples
+    batch = read_batch(self.source, np.minimum(positions, g.num_examples - 1))
+    return dict(batch, valid=valid)
+
+
+class _EvalExample:
+  """This host's `element`-th evaluation example, decoded and centre-cropped; rows past the
+  last example, and images that cannot be decoded (with a warning), are invalid zeros."""
+
+  def __init__(self, source, geometry: _EvalGeometry, transform: EvalTransform,
+               skip_corrupt: bool):
+    self.source, self.geometry, self.transform = source, geometry, transform
+    self.skip_corrupt = skip_corrupt
+
+  def __call__(self, element: int) -> dict[str, Any]:
+    position = self.geometry.position(int(element))
+    t = self.transform
+    image = np.zeros((t.crop_size, t.crop_size, t.channels), np.uint8)
+    if position >= self.geometry.num_examples:
+      return {'image': image, 'label': np.int32(-1), 'valid': False}
+    try:
+      record = self.source[position]
+      decoded = host_crop.decode_image(record['image'], t.channels)
+    except _UNREADABLE as e:
+      _corrupt(self.source, position, e, self.skip_corrupt)
+      return {'image': image, 'label': np.int32(-1), 'valid': False}
+    return {'image': host_crop.center_crop(decoded, t.resize_size, t.crop_size),
+            'label': np.int32(record['label']), 'valid': True}
+
+
+def make_eval_iterator(source: Any, *, global_batch_size: int,
+                       num_examples: int | None = None,
+                       transform: EvalTransform | None = None,
+                       process_index: int | None = None, process_count: int | None = None,
+                       worker_count: int = 0, skip_corrupt: bool = True
+                       ) -> Iterator[dict[str, np.ndarray]]:
+  """This host's rows of each evaluation batch over the first `num_examples` records (all by
+  default), in order, for feature extraction that keeps only the features.
+
+  Global batch t holds records ``[t * B, (t + 1) * B)``; host h reads rows
+  ``[h * B / P, (h + 1) * B / P)`` of it, as in training. The last batch is padded: every
+  element is {'image': uint8 [B / P, ...], 'label': int32 [B / P], 'valid': bool [B / P]},
+  'valid' marking the real rows. Encoded sources need `transform`; for the others images
+  come as stored.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f'The evaluation batch size {global_batch_size} must be a positive '
+                     f'multiple of the {process_count} processes (--config.eval.batch_size).')
+  n = len(source) if num_examples is None else min(int(num_examples), len(source))
+  if n <= 0:
+    raise ValueError(f'{source!r} has no records to evaluate on.')
+  host_batch_size = global_batch_size // process_count
+  geometry = _EvalGeometry(n, global_batch_size, host_batch_size,
+                           process_index * host_batch_size)
+  num_steps = -(-n // global_batch_size)
+  if getattr(source, 'encoded', False):
+    if transform is None:
+      raise ValueError(f'{source!r} holds encoded images of varying size: evaluation needs '
+                       'an EvalTransform to decode and centre-crop them.')
+    example = _EvalExample(source, geometry, transform, skip_corrupt)
+    dataset = grain.MapDataset.range(num_steps * host_batch_size).map(example)
+    dataset = dataset.batch(host_batch_size)
+    read_options = _decode_read_options(worker_count, host_batch_size)
+  else:
+    dataset = grain.MapDataset.range(num_steps).map(_ReadEvalBatch(source, geometry))
+    read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+  dataset = dataset.to_iter_dataset(read_options)
+  if worker_count > 0:
+    _ensure_absl_flags_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(dataset)
+
+
 def make_eval_arrays(source: Any, max_examples: int | None = None,
-                     chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-  """The first `max_examples` (default all) records as (uint8 [N, H, W, C], int32 [N]).
+                     chunk_size: int = 4096, transform: EvalTransform | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """The first `max_examples` (default all) records as (uint8 [N, H, W, C], int32 [N]), in
+  this process's memory: for small sets only (diagnostics images, tests). Encoded sources
+  need `transform`; undecodable images are left out.
 
   For an `ArraySource` these are views of its arrays (read-only for the cached datasets).
   """
@@ -246,10 +487,13 @@ def make_eval_arrays(source: Any, max_examples: int | None = None,
   images, labels = getattr(source, 'images', None), getattr(source, 'labels', None)
   if isinstance(images, np.ndarray) and isinstance(labels, np.ndarray):
     return images[:n], labels[:n]
-  chunks = [read_batch(source, np.arange(start, min(start + chunk_size, n)))
-            for start in range(0, n, chunk_size)]
-  if not chunks:
-    first = read_batch(source, [0])
+  if n == 0:
+    first = next(make_eval_iterator(source, global_batch_size=1, num_examples=1,
+                                    transform=transform, process_index=0, process_count=1))
     return first['image'][:0], first['label'][:0]
-  return (np.concatenate([c['image'] for c in chunks]),
-          np.concatenate([c['label'] for c in chunks]))
+  chunks = [b for b in make_eval_iterator(source, global_batch_size=min(chunk_size, n),
+                                          num_examples=n, transform=transform,
+                                          process_index=0, process_count=1)]
+  valid = np.concatenate([c['valid'] for c in chunks])
+  return (np.concatenate([c['image'] for c in chunks])[valid],
+          np.concatenate([c['label'] for c in chunks])[valid])

@@ -1,8 +1,23 @@
 """Random-access data sources: len(source) and source[i] -> {'image', 'label'}.
 
-Every source returns records as ``{'image': uint8 [H, W, C], 'label': int32 scalar}`` and
-may offer ``get_batch(indices) -> {'image': uint8 [n, H, W, C], 'label': int32 [n]}``, a
-vectorised read that the input pipeline (`ssl_jax.data.pipeline`) uses when present.
+The source protocol:
+
+* ``source[i] -> {'image': ..., 'label': int32 scalar}``; the label is -1 for an unlabelled
+  record.
+* ``source.encoded``: True -> ``record['image']`` is an encoded file (JPEG, PNG, ...) as
+  `bytes`, decoded on the host by the input pipeline (variable-size datasets); False -> a
+  uint8 [H, W, C] array.
+* ``source.image_shape``: (H, W, C) for fixed-size sources, None for encoded ones.
+* ``source.channels``: the channels the model sees (3 for encoded colour datasets: the
+  decoder converts grayscale files to RGB).
+* ``source.has_labels``, ``source.num_classes`` (None when there is no label space) and
+  ``source.class_names`` (None when unknown).
+* ``source.describe(i)``: a human name of record i for warnings (a file path, or e.g.
+  ``'imagenet2012/train[1234]'``).
+* optionally ``get_batch(indices) -> {'image': uint8 [n, H, W, C], 'label': int32 [n]}``, a
+  vectorised read of a fixed-size source that the input pipeline (`ssl_jax.data.pipeline`)
+  uses when present.
+
 Sources are plain picklable objects, so they can be handed to grain (`grain.MapDataset.source`)
 and to grain worker processes.
 
@@ -10,8 +25,10 @@ and to grain worker processes.
   ``dataset-fashion-mnist`` package (or any folder holding the four files), optionally
   downloaded once into a cache folder. Never falls back to random data.
 * `tfds_source(name, split)`: any TFDS dataset prepared in the ``array_record`` format.
+* `folder.FolderSource` / `folder.folder_source(path, split)`: image files in a folder
+  (``root/<class>/<file>`` or ``root/<file>``).
 * `get_source(name, split)`: the registry behind ``--config.data.name``:
-  ``'fashion_mnist'`` or ``'tfds:<name>'``.
+  ``'fashion_mnist'``, ``'tfds:<name>'`` or ``'folder:<path>'``.
 """
 
 from __future__ import annotations
@@ -30,10 +47,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from ssl_jax.data import folder
+
 __all__ = [
-    'ArraySource', 'FASHION_MNIST_CLASSES', 'IdxFormatError', 'KNOWN_SOURCES', 'SourceInfo',
-    'TfdsSource', 'fashion_mnist', 'fashion_mnist_search_dirs', 'get_source', 'read_idx',
-    'class_names', 'source_info', 'tfds_source',
+    'ArraySource', 'FASHION_MNIST_CLASSES', 'FOLDER_PREFIX', 'IdxFormatError', 'KNOWN_SOURCES',
+    'SourceInfo', 'TFDS_PREFIX', 'TfdsSource', 'fashion_mnist', 'fashion_mnist_search_dirs',
+    'get_source', 'is_known_name', 'read_idx', 'class_names', 'source_info', 'tfds_source',
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -144,12 +163,17 @@ class ArraySource:
 
   Args:
     images: uint8 [N, H, W] (a channel axis is added) or [N, H, W, C].
-    labels: integer [N]; stored as int32.
+    labels: integer [N]; stored as int32 (-1: unlabelled).
+    num_classes, class_names: the label space, when known (class_names implies it).
+    name: names the records in `describe` (``'<name>[i]'``).
 
   The arrays are kept without copying (read-only inputs stay read-only).
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
+  encoded = False
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, *, num_classes: int | None = None,
+               class_names: Sequence[str] | None = None, name: str = 'ArraySource'):
     images = np.asarray(images)
     if images.dtype != np.uint8:
       raise TypeError(f'images must be uint8, got {images.dtype}; convert with '
@@ -160,6 +184,13 @@ class ArraySource:
       raise ValueError(f'images must be [N, H, W] or [N, H, W, C], got shape {images.shape}.')
     self.images = images
     self.labels = _as_labels(labels, images.shape[0])
+    self.class_names = tuple(class_names) if class_names is not None else None
+    if num_classes is None and self.class_names is not None:
+      num_classes = len(self.class_names)
+    self.num_classes = num_classes
+    # Unlabelled only when every label is -1 (one vectorised pass; no data is copied).
+    self.has_labels = not (self.labels.size and bool(np.all(self.labels == -1)))
+    self.name = name
 
   def __len__(self) -> int:
     return self.images.shape[0]
@@ -179,6 +210,13 @@ class ArraySource:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(self.images.shape[1:])
+
+  @property
+  def channels(self) -> int:
+    return self.images.shape[-1]
+
+  def describe(self, index: int) -> str:
+    return f'{self.name}[{int(index)}]'
 
   def __repr__(self) -> str:
     return f'ArraySource(n={len(self)}, image_shape={self.image_shape})'
@@ -313,7 +351,8 @@ def _download_fashion_mnist(folder: pathlib.Path) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(images_path: str, labels_path: str, n: int, signature) -> ArraySource:
+def _load_cached(images_path: str, labels_path: str, n: int, signature,
+                 name: str = 'fashion_mnist') -> ArraySource:
   del signature  # part of the cache key only: a replaced file is read again.
   images, labels = read_idx(images_path), read_idx(labels_path)
   if images.dtype != np.uint8 or images.shape != (n, 28, 28):
@@ -326,7 +365,7 @@ def _load_cached(images_path: str, labels_path: str, n: int, signature) -> Array
   images.flags.writeable = False
   labels = labels.astype(np.int32)
   labels.flags.writeable = False
-  return ArraySource(images, labels)
+  return ArraySource(images, labels, class_names=FASHION_MNIST_CLASSES, name=name)
 
 
 def fashion_mnist(split: str, data_dir: os.PathLike | str | None = None,
@@ -353,7 +392,7 @@ def fashion_mnist(split: str, data_dir: os.PathLike | str | None = None,
   signature = tuple((s.st_mtime_ns, s.st_size)
                     for s in (images_path.stat(), labels_path.stat()))
   return _load_cached(str(images_path), str(labels_path), _FASHION_MNIST_FILES[split][2],
-                      signature)
+                      signature, f'fashion_mnist/{split}')
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,12 +400,35 @@ def fashion_mnist(split: str, data_dir: os.PathLike | str | None = None,
 # --------------------------------------------------------------------------------------------
 
 
-def _to_record(record: dict, image_key: str, label_key: str) -> dict[str, np.ndarray]:
-  image = np.asarray(record[image_key])
-  if image.dtype != np.uint8:
-    raise TypeError(f'{image_key!r} must be uint8 images, got {image.dtype}.')
-  if image.ndim == 2:
-    image = image[..., None]
+# Split names whose records carry no label (stl10's 'unlabelled': label -1).
+_UNLABELLED_SPLITS = frozenset({'unlabelled', 'unlabeled'})
+
+
+def _split_names(split: Any) -> list[str]:
+  """'train[:10%]+unlabelled' -> ['train', 'unlabelled']; [] for a non-str split."""
+  if not isinstance(split, str):
+    return []
+  return [part.split('[')[0].strip() for part in split.split('+')]
+
+
+def _to_record(record: dict, image_key: str, label_key: str | None,
+               encoded: bool = False) -> dict[str, Any]:
+  image = record[image_key]
+  if encoded:
+    if isinstance(image, np.ndarray) and image.ndim == 0:  # a 0-d object/bytes array
+      image = image.item()
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+      raise TypeError(f'{image_key!r} must be the encoded image as bytes, got '
+                      f'{type(image).__name__}.')
+    image = bytes(image)
+  else:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+      raise TypeError(f'{image_key!r} must be uint8 images, got {image.dtype}.')
+    if image.ndim == 2:
+      image = image[..., None]
+  if label_key is None:
+    return {'image': image, 'label': np.int32(-1)}
   label = np.asarray(record[label_key])
   if label.ndim != 0 or not np.issubdtype(label.dtype, np.integer):
     raise TypeError(f'{label_key!r} must be an integer scalar, got {label.dtype} '
@@ -375,22 +437,52 @@ def _to_record(record: dict, image_key: str, label_key: str) -> dict[str, np.nda
 
 
 class TfdsSource:
-  """Wraps a TFDS data source (`tfds.data_source`) to yield {'image', 'label'} records."""
+  """Wraps a TFDS data source (`tfds.data_source`) to yield {'image', 'label'} records.
 
-  def __init__(self, data_source: Any, *, image_key: str = 'image', label_key: str = 'label',
-               name: str | None = None, split: str | None = None):
+  `tfds_source` fills in the protocol attributes from the dataset's features. With
+  ``encoded=True`` the data source must have been opened with the image decoding skipped
+  (records carry the encoded bytes) and `get_batch` is an error. ``label_key=None``: the
+  dataset has no labels (every label is -1).
+  """
+
+  def __init__(self, data_source: Any, *, image_key: str = 'image',
+               label_key: str | None = 'label', name: str | None = None,
+               split: str | None = None, encoded: bool = False, has_labels: bool | None = None,
+               num_classes: int | None = None, class_names: Sequence[str] | None = None,
+               image_shape: tuple[int, int, int] | None = None, channels: int | None = None):
     self.data_source = data_source
     self.image_key, self.label_key = image_key, label_key
     self.name, self.split = name, split
+    self.encoded = encoded
+    self.has_labels = label_key is not None if has_labels is None else bool(has_labels)
+    self.class_names = tuple(class_names) if class_names is not None else None
+    if num_classes is None and self.class_names is not None:
+      num_classes = len(self.class_names)
+    self.num_classes = num_classes
+    if image_shape is None and not encoded and len(data_source):
+      image_shape = tuple(self[0]['image'].shape)  # wrapped by hand: ask the data
+    self.image_shape = tuple(image_shape) if image_shape is not None else None
+    if channels is None:
+      channels = self.image_shape[-1] if self.image_shape is not None else 3
+    self.channels = int(channels)
 
   def __len__(self) -> int:
     return len(self.data_source)
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return _to_record(self.data_source[int(index)], self.image_key, self.label_key)
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return _to_record(self.data_source[int(index)], self.image_key, self.label_key,
+                      self.encoded)
+
+  def describe(self, index: int) -> str:
+    return f'{self.name or "tfds"}/{self.split}[{int(index)}]'
 
   def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
     """Reads the records with one batched (parallel) read where the source supports it."""
+    if self.encoded:
+      raise TypeError(
+          f'{self!r} holds encoded images of varying size, which cannot be stacked into a '
+          'batch: read records with source[i] and decode them on the host (the input '
+          'pipeline does this for sources with encoded=True).')
     keys = [int(i) for i in indices]
     read_many = getattr(self.data_source, '__getitems__', None)
     records = None
@@ -411,7 +503,8 @@ class TfdsSource:
     return {'image': images, 'label': np.array([r['label'] for r in records], np.int32)}
 
   def __repr__(self) -> str:
-    return f'TfdsSource(name={self.name!r}, split={self.split!r}, n={len(self)})'
+    return (f'TfdsSource(name={self.name!r}, split={self.split!r}, n={len(self)}'
+            f'{", encoded" if self.encoded else ""})')
 
 
 def _tfds_default_data_dir(data_dir) -> str:
@@ -442,10 +535,46 @@ def _tfds_not_prepared_message(name: str, data_dir, builder, reason: str) -> str
   return '\n'.join(lines)
 
 
+def _image_feature_info(features: Any, name: str, image_key: str):
+  """(is the image stored encoded with a variable size, image shape or None, channels)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  if image_key not in features:
+    raise KeyError(f'TFDS dataset {name!r} has no {image_key!r} feature; its features are '
+                   f'{sorted(features.keys())}. Pass image_key=<one of them>.')
+  feature = features[image_key]
+  shape = tuple(feature.shape)
+  variable = any(d is None for d in shape)
+  # Only an Image feature is stored as an encoded file that SkipDecoding hands over as bytes.
+  encoded = variable and isinstance(feature, tfds.features.Image)
+  channels = shape[-1] if shape and shape[-1] is not None else 3
+  return encoded, (None if variable else shape), channels
+
+
+def _label_feature_info(features: Any, label_key: str):
+  """(has the label feature, num_classes or None, class names or None)."""
+  if label_key not in features:
+    return False, None, None
+  feature = features[label_key]
+  num_classes = getattr(feature, 'num_classes', None)
+  names = getattr(feature, 'names', None)
+  return True, (int(num_classes) if num_classes is not None else None), (
+      tuple(names) if names else None)
+
+
 def tfds_source(name: str, split: str, data_dir: os.PathLike | str | None = None,
                 download: bool = False, *, image_key: str = 'image',
                 label_key: str = 'label') -> TfdsSource:
-  """A prepared TFDS dataset as a source of {'image': uint8 HxWxC, 'label': int32}.
+  """A prepared TFDS dataset as a source of {'image', 'label': int32} records.
+
+  Fixed-size datasets (cifar10, mnist, stl10) give decoded uint8 [H, W, C] images. Datasets
+  whose image feature has a variable height/width (imagenet2012, imagenette, ...) are opened
+  with the image decoding skipped (``decoders={image_key: tfds.decode.SkipDecoding()}``):
+  records carry the encoded JPEG/PNG bytes, to be decoded on the host (``encoded=True``).
+
+  ``has_labels`` is False when the dataset has no `label_key`, when any part of the split is
+  an unlabelled split (stl10's 'unlabelled'), or when the first record's label is -1
+  (imagenet2012's 'test'). Labels are passed through as stored; -1 without a label feature.
 
   Uses `tfds.data_source` (random access; needs the ``array_record`` file format). If the
   dataset is not prepared, raises FileNotFoundError saying how to prepare it. With
@@ -453,12 +582,19 @@ def tfds_source(name: str, split: str, data_dir: os.PathLike | str | None = None
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
+  # The metadata alone (dataset_info.json, or the builder code when not prepared) decides
+  # whether to skip the image decoding, which has to be chosen when the source is opened.
+  builder = tfds.builder(name, data_dir=data_dir)
+  features = builder.info.features
+  encoded, image_shape, channels = _image_feature_info(features, name, image_key)
+  has_label_key, num_classes, names = _label_feature_info(features, label_key)
+  decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
   try:
-    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download,
+                          decoders=decoders)
   except tfds.core.registered.DatasetNotFoundError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (diagnosed below, else re-raised)
-    builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
       raise FileNotFoundError(
           _tfds_not_prepared_message(name, data_dir, builder, 'not prepared')) from e
@@ -469,7 +605,14 @@ def tfds_source(name: str, split: str, data_dir: os.PathLike | str | None = None
           f'prepared only in the {file_format} format (no random access; delete '
           f'{builder.data_dir} or use another data_dir)')) from e
     raise
-  return TfdsSource(ds, image_key=image_key, label_key=label_key, name=name, split=split)
+  has_labels = has_label_key and not _UNLABELLED_SPLITS & set(_split_names(split))
+  if has_labels and len(ds):
+    # Splits whose labels were withheld store -1 (imagenet2012 'test'): one record tells.
+    has_labels = int(np.asarray(ds[0][label_key])) != -1
+  return TfdsSource(ds, image_key=image_key, label_key=label_key if has_label_key else None,
+                    name=name, split=split, encoded=encoded, has_labels=has_labels,
+                    num_classes=num_classes, class_names=names, image_shape=image_shape,
+                    channels=channels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,54 +621,99 @@ def tfds_source(name: str, split: str, data_dir: os.PathLike | str | None = None
 
 
 class SourceInfo(NamedTuple):
-  image_shape: tuple  # (H, W, C); H and W are None for variable-size TFDS images
-  num_classes: int
+  image_shape: tuple  # (H, W, C); H and W are None for variable-size (encoded) images
+  num_classes: int | None  # None: no label space (an unlabelled folder)
 
 
 KNOWN_SOURCES: dict[str, Callable[..., Any]] = {'fashion_mnist': fashion_mnist}
 _STATIC_INFO = {'fashion_mnist': SourceInfo((28, 28, 1), 10)}
 TFDS_PREFIX = 'tfds:'
+FOLDER_PREFIX = 'folder:'
+
+
+def _after(name: str, prefix: str) -> str | None:
+  """The part of `name` after `prefix`, or None if `name` is not '<prefix><something>'."""
+  if isinstance(name, str) and name.startswith(prefix) and len(name) > len(prefix):
+    return name[len(prefix):]
+  return None
+
+
+def is_known_name(name: str) -> bool:
+  """Whether `get_source` accepts `name`: a `KNOWN_SOURCES` key, 'tfds:<x>' or 'folder:<x>'.
+
+  Checks the form only: the TFDS dataset or the folder may still not exist.
+  """
+  return (name in KNOWN_SOURCES or _after(name, TFDS_PREFIX) is not None
+          or _after(name, FOLDER_PREFIX) is not None)
 
 
 def _unknown(name: str) -> ValueError:
-  return ValueError(f'Unknown data source {name!r}; known: {sorted(KNOWN_SOURCES)} or '
-                    f"'{TFDS_PREFIX}<tfds dataset name>' (e.g. '{TFDS_PREFIX}cifar10').")
+  return ValueError(
+      f'Unknown data source {name!r}; use one of {sorted(KNOWN_SOURCES)}, '
+      f"'{TFDS_PREFIX}<tfds dataset name>' (e.g. '{TFDS_PREFIX}cifar10', "
+      f"'{TFDS_PREFIX}imagenet2012') or '{FOLDER_PREFIX}<path>' (a folder of images: "
+      '<path>/<class>/<image> or <path>/<image>, optionally in <path>/<split>/ sub-folders).')
+
+
+def _folder_path(path: str, data_dir: os.PathLike | str | None) -> pathlib.Path:
+  """'folder:<path>': ~ expanded; a relative path is taken under data_dir when one is given."""
+  folder_path = pathlib.Path(path).expanduser()
+  if not folder_path.is_absolute() and data_dir is not None:
+    folder_path = pathlib.Path(data_dir).expanduser() / folder_path
+  return folder_path
 
 
 def get_source(name: str, split: str, data_dir: os.PathLike | str | None = None,
                download: bool = False):
-  """'fashion_mnist' -> `fashion_mnist`; 'tfds:<name>' -> `tfds_source`."""
-  if name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
-    return tfds_source(name[len(TFDS_PREFIX):], split, data_dir=data_dir, download=download)
+  """'fashion_mnist' -> `fashion_mnist`; 'tfds:<name>' -> `tfds_source`; 'folder:<path>' ->
+  `folder.folder_source` (``<path>/<split>`` if that folder exists, else ``<path>`` for every
+  split; a relative path is under `data_dir`; `download` does not apply)."""
+  if (tfds_name := _after(name, TFDS_PREFIX)) is not None:
+    return tfds_source(tfds_name, split, data_dir=data_dir, download=download)
+  if (path := _after(name, FOLDER_PREFIX)) is not None:
+    return folder.folder_source(_folder_path(path, data_dir), split)
   if name not in KNOWN_SOURCES:
     raise _unknown(name)
   return KNOWN_SOURCES[name](split, data_dir=data_dir, download=download)
 
 
-def source_info(name: str, data_dir: os.PathLike | str | None = None, *,
+def source_info(name: str, data_dir: os.PathLike | str | None = None, *, split: str = 'train',
                 image_key: str = 'image', label_key: str = 'label') -> SourceInfo:
-  """(image_shape, num_classes) of a source without reading its data."""
-  if name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
+  """(image_shape, num_classes) of a source without reading its data.
+
+  For 'folder:<path>' this lists the top level of the folder serving `split` (classes are
+  its sub-folders); num_classes is None for a flat (unlabelled) folder.
+  """
+  if (tfds_name := _after(name, TFDS_PREFIX)) is not None:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    features = tfds.builder(name[len(TFDS_PREFIX):], data_dir=data_dir).info.features
-    return SourceInfo(tuple(features[image_key].shape), int(features[label_key].num_classes))
+    features = tfds.builder(tfds_name, data_dir=data_dir).info.features
+    _, num_classes, _ = _label_feature_info(features, label_key)
+    return SourceInfo(tuple(features[image_key].shape), num_classes)
+  if (path := _after(name, FOLDER_PREFIX)) is not None:
+    names = folder.folder_classes(_folder_path(path, data_dir), split)
+    return SourceInfo((None, None, 3), len(names) if names is not None else None)
   if name not in _STATIC_INFO:
     raise _unknown(name)
   return _STATIC_INFO[name]
 
 
 def class_names(name: str, data_dir: os.PathLike | str | None = None,
-                label_key: str = 'label') -> tuple[str, ...] | None:
+                label_key: str = 'label', *, split: str = 'train') -> tuple[str, ...] | None:
   """Human-readable class names (for plot legends), or None when the source has none."""
   if name == 'fashion_mnist':
     return FASHION_MNIST_CLASSES
-  if name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
+  if (tfds_name := _after(name, TFDS_PREFIX)) is not None:
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-      builder = tfds.builder(name[len(TFDS_PREFIX):], data_dir=data_dir)
+      builder = tfds.builder(tfds_name, data_dir=data_dir)
       return tuple(builder.info.features[label_key].names)
     except Exception:  # pylint: disable=broad-except
       return None  # legends fall back to class indices
+  if (path := _after(name, FOLDER_PREFIX)) is not None:
+    try:
+      return folder.folder_classes(_folder_path(path, data_dir), split)
+    except (OSError, folder.ImageFolderError):
+      return None  # get_source reports a broken folder; legends fall back to indices
   return None

@@ -4,11 +4,11 @@ A freshly initialised network holds BatchNorm running statistics of mean 0 and v
 which have nothing to do with the activations its layers see; scored in inference mode, its
 features then depend on how far each layer's true statistics happen to sit from (0, 1), which
 changes with the seed. Before the random-init encoder is scored, `refreshed_frozen_encoder`
-replaces those statistics with the population statistics of each BatchNorm layer's input: the encoder runs in training mode
-(every layer normalised by its batch's statistics, as during training) over
-`config.eval.bn_refresh_batches` batches of `config.eval.batch_size` training images,
-preprocessed exactly as evaluation preprocesses them, and each layer's mean and (biased)
-variance over all those inputs are stored. They are exact over the K batches (the mean of the
+replaces those statistics with the population statistics of each BatchNorm layer's input:
+the encoder runs in training mode (every layer normalised by its batch's statistics, as during
+training) over `config.eval.bn_refresh_batches` batches of `config.eval.batch_size` training
+images, preprocessed exactly as evaluation preprocesses them (read batch by batch), and each
+layer's mean and (biased) variance over all those inputs are stored. They are exact over the K batches (the mean of the
 per-batch means; the mean of the per-batch variances plus the variance of the per-batch
 means), not an exponential moving average that would still carry 0.9^K of the initial
 values. The weights are untouched.
@@ -101,14 +101,21 @@ def replace_statistics(batch_stats, stats: dict):
   return batch_stats
 
 
-def refresh_images(config, max_images: int | None = None) -> np.ndarray:
-  """The training images the refresh reads: the first `bn_refresh_batches` x
-  `eval.batch_size` of the training split (uint8)."""
-  from ssl_jax.data import pipeline, sources
+def _refresh_set(config):
+  """The training images the refresh reads (evaluation transform), as an EvalSet."""
+  from ssl_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from ssl_jax.evaluation import eval_data  # pylint: disable=g-import-not-at-top
   d = config.data
   source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir, download=d.download)
+  return eval_data.EvalSet(source, len(source), eval_data.eval_transform(config, source),
+                           eval_data.worker_count(config, source))
+
+
+def refresh_images(config, max_images: int | None = None) -> np.ndarray:
+  """The training images the refresh reads, in memory: the first `bn_refresh_batches` x
+  `eval.batch_size` of the training split (uint8; encoded images centre-cropped)."""
   wanted = refresh_batches(config) * config.eval.batch_size
-  images, _ = pipeline.make_eval_arrays(source, min(wanted, max_images or wanted))
+  images, _ = _refresh_set(config).limited(min(wanted, max_images or wanted)).arrays()
   return images
 
 
@@ -117,22 +124,26 @@ def refresh_batches(config) -> int:
   return int(config.eval.get('bn_refresh_batches', 20))
 
 
-def refreshed_encoder_batch_stats(config, params, batch_stats, images_uint8: np.ndarray,
+def refreshed_encoder_batch_stats(config, params, batch_stats,
+                                  images_uint8: np.ndarray | Iterable[np.ndarray],
                                   batch_size: int | None = None):
   """`batch_stats` with the encoder's ('encoder' key) BatchNorm statistics replaced by the
   population statistics of `images_uint8` (preprocessed as evaluation does: scaled to [0, 1]
-  and resized to `config.eval.image_size`), in batches of `batch_size` (default
-  `config.eval.batch_size`; a last, smaller batch is dropped unless it is the only one)."""
+  and resized to `config.eval.image_size` unless they come centre-cropped at that size),
+  either one array, taken in batches of `batch_size` (default `config.eval.batch_size`; a
+  last, smaller batch is dropped unless it is the only one), or an iterable of batches."""
   from ssl_jax.models import build_encoder
   if 'encoder' not in params or 'encoder' not in batch_stats:
     raise ValueError("The method's network has no 'encoder' submodule with BatchNorm "
                      'statistics; the BatchNorm refresh cannot find its layers.')
-  batch_size = min(batch_size or config.eval.batch_size, len(images_uint8))
-  num_batches = max(1, len(images_uint8) // batch_size)
+  if isinstance(images_uint8, np.ndarray):
+    batch_size = min(batch_size or config.eval.batch_size, len(images_uint8))
+    num_batches = max(1, len(images_uint8) // batch_size)
+    images_uint8 = [images_uint8[i * batch_size:(i + 1) * batch_size]
+                    for i in range(num_batches)]
   image_size = config.eval.image_size or None
   preprocess = jax.jit(lambda x: features.preprocess(x, image_size))
-  batches = (preprocess(images_uint8[i * batch_size:(i + 1) * batch_size])
-             for i in range(num_batches))
+  batches = (preprocess(images) for images in images_uint8)
   encoder = build_encoder(config.model, None)
   variables = {'params': params['encoder'], 'batch_stats': batch_stats['encoder']}
   stats = population_statistics(encoder, variables, batches)
@@ -143,11 +154,13 @@ def refreshed_encoder_batch_stats(config, params, batch_stats, images_uint8: np.
 
 def refreshed_frozen_encoder(config, method, state, images_uint8: np.ndarray | None = None):
   """`frozen_encoder(method, state)` with the encoder's BatchNorm statistics refreshed (see
-  the module docstring); `images_uint8` defaults to `refresh_images(config)`. With
-  `eval.bn_refresh_batches = 0`, the statistics are left as they are."""
+  the module docstring) on `images_uint8`, by default the first training images read batch
+  by batch. With `eval.bn_refresh_batches = 0`, the statistics are left as they are."""
   params, batch_stats = evaluated_variables(method, state)
   if refresh_batches(config) > 0:
     if images_uint8 is None:
-      images_uint8 = refresh_images(config)
+      from ssl_jax.evaluation import eval_data  # pylint: disable=g-import-not-at-top
+      images_uint8 = eval_data.population_batches(
+          _refresh_set(config), config.eval.batch_size, refresh_batches(config))
     batch_stats = refreshed_encoder_batch_stats(config, params, batch_stats, images_uint8)
   return lambda images: method.encode(params, batch_stats, images)

@@ -5,55 +5,65 @@ the representation diagnostics that say whether it is collapsing."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
 
-from ssl_jax.data import augment, pipeline, sources
-from ssl_jax.evaluation import diagnostics, features, knn
+from ssl_jax.data import augment
+from ssl_jax.evaluation import diagnostics, eval_data, features, knn
 
 
 @dataclasses.dataclass
 class KnnEvaluator:
-  bank_images: np.ndarray
-  bank_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
+  """kNN top-1 of a frozen encoder: features of the bank and the queries are extracted batch
+  by batch (`eval_data.stream_features`), sharded over `mesh` when given, and only the
+  features are kept; the bank is sharded over the mesh for the search."""
+  bank: eval_data.EvalSet
+  queries: eval_data.EvalSet
   k: int = 200
   temperature: float = 0.07
   batch_size: int = 1024
   image_size: int | None = None
+  mesh: Any = None
+  num_classes: int | None = None
 
   @classmethod
-  def from_config(cls, config, bank_size: int | None = None, test_size: int | None = None):
-    d = config.data
-    bank = sources.get_source(d.name, d.eval_train_split, data_dir=d.data_dir,
-                              download=d.download)
-    test = sources.get_source(d.name, d.eval_split, data_dir=d.data_dir, download=d.download)
-    bank_images, bank_labels = pipeline.make_eval_arrays(bank, max_examples=bank_size)
-    test_images, test_labels = pipeline.make_eval_arrays(test, max_examples=test_size)
-    return cls(bank_images, bank_labels, test_images, test_labels, k=config.eval.knn_k,
-               temperature=config.eval.knn_temperature, batch_size=config.eval.batch_size,
-               image_size=config.eval.image_size or None)
+  def from_config(cls, config, bank_size: int | None = None, test_size: int | None = None,
+                  evaluation_plan: eval_data.EvalPlan | None = None, mesh=None):
+    """The evaluator of `config`'s labelled evaluation sources, or None when it has none."""
+    evaluation_plan = evaluation_plan or eval_data.plan(config)
+    if not evaluation_plan.labelled:
+      return None
+    e = config.eval
+    image_size = None if evaluation_plan.bank.transform is not None else (e.image_size or None)
+    return cls(evaluation_plan.bank.limited(bank_size),
+               evaluation_plan.queries.limited(test_size), k=e.knn_k,
+               temperature=e.knn_temperature, batch_size=e.batch_size, image_size=image_size,
+               mesh=mesh,
+               num_classes=len(evaluation_plan.class_names) if evaluation_plan.class_names
+               else None)
 
-  @property
-  def num_classes(self) -> int:
-    return int(max(self.bank_labels.max(), self.test_labels.max()) + 1)
+  def score_features(self, bank_features, bank_labels, test_features, test_labels) -> float:
+    num_classes = self.num_classes or int(max(bank_labels.max(), test_labels.max()) + 1)
+    return knn.knn_accuracy(bank_features, bank_labels, test_features, test_labels,
+                            k=self.k, temperature=self.temperature, num_classes=num_classes,
+                            mesh=self.mesh)
 
-  def score_features(self, bank_features, test_features) -> float:
-    return knn.knn_accuracy(bank_features, self.bank_labels, test_features, self.test_labels,
-                            k=self.k, temperature=self.temperature,
-                            num_classes=self.num_classes)
+  def _features(self, encode_fn, raw_pixels=False):
+    extract = lambda s: eval_data.stream_features(encode_fn, s, self.batch_size,
+                                                  self.image_size, self.mesh, raw_pixels)
+    return (*extract(self.bank), *extract(self.queries))
 
   def score_encoder(self, encode_fn) -> float:
     """encode_fn maps float images in [0, 1] to features."""
-    extract = lambda images: features.extract_features(encode_fn, images, self.batch_size,
-                                                       self.image_size)
-    return self.score_features(extract(self.bank_images), extract(self.test_images))
+    return self.score_features(*self._features(encode_fn))
 
-  def score_raw_pixels(self) -> float:
-    return self.score_features(features.raw_pixel_features(self.bank_images),
-                               features.raw_pixel_features(self.test_images))
+  def score_raw_pixels(self) -> float | None:
+    """kNN on the raw pixels; None for images too large for a bank of pixels."""
+    if self.bank.image_dims > eval_data.MAX_RAW_PIXEL_DIMS:
+      return None
+    return self.score_features(*self._features(None, raw_pixels=True))
 
 
 @dataclasses.dataclass
@@ -75,14 +85,18 @@ class DiagnosticsMonitor:
   seed: int = 0
 
   @classmethod
-  def from_config(cls, config):
-    d = config.data
-    test = sources.get_source(d.name, d.eval_split, data_dir=d.data_dir, download=d.download)
-    images, labels = pipeline.make_eval_arrays(test, max_examples=config.eval.diagnostics_size)
+  def from_config(cls, config, evaluation_plan: eval_data.EvalPlan | None = None):
+    """On `eval.diagnostics_size` images of the evaluation plan's diagnostics set (the
+    queries, or the training images when there are no labelled ones); encoded images are
+    centre-cropped to the evaluation size first."""
+    evaluation_plan = evaluation_plan or eval_data.plan(config)
+    diagnostics_set = evaluation_plan.diagnostics
+    images, labels = diagnostics_set.arrays()
     e = config.eval
+    image_size = None if diagnostics_set.transform is not None else (e.image_size or None)
     return cls(images, labels, augment.view_configs(config.augment, 2)[:2],
                e.collapse_min_rank_fraction, e.collapse_min_std_fraction, e.batch_size,
-               e.image_size or None, config.seed)
+               image_size, config.seed)
 
   def _views(self):
     if not hasattr(self, '_cached_views'):

@@ -8,7 +8,7 @@ import os
 import jax
 from absl import logging
 
-from ssl_jax.data import sources
+from ssl_jax.evaluation import eval_data
 from ssl_jax.evaluation.history import DiagnosticsHistory
 from ssl_jax.evaluation.monitor import DiagnosticsMonitor
 
@@ -17,13 +17,15 @@ class RepresentationObserver:
   """Measures the representation diagnostics, raises the collapse alarm, logs the scalars and
   keeps the history and its plots in the workdir (process 0 writes files)."""
 
-  def __init__(self, config, workdir: str, writer, resume_step: int):
-    self.monitor = DiagnosticsMonitor.from_config(config)
+  def __init__(self, config, workdir: str, writer, resume_step: int,
+               evaluation_plan: eval_data.EvalPlan | None = None):
+    evaluation_plan = evaluation_plan or eval_data.plan(config)
+    self.monitor = DiagnosticsMonitor.from_config(config, evaluation_plan)
     self.writer = writer
     self.plots = config.eval.plots
     self.chief = jax.process_index() == 0
     self.history = DiagnosticsHistory(workdir, resume_step) if self.chief else None
-    self.class_names = sources.class_names(config.data.name, config.data.data_dir)
+    self.class_names = evaluation_plan.class_names
 
   def __call__(self, step: int, encode_fn, final: bool = False) -> dict:
     measurement, clean_features = self.monitor.measure(encode_fn)

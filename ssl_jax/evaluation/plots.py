@@ -124,14 +124,18 @@ def embedding_figure(features, labels, class_names=None, method: str = 'pca', se
   ax = fig.add_subplot()
   for i, c in enumerate(classes):
     members = labels == c
-    name = class_names[int(c)] if class_names is not None else str(c)
+    if c < 0:  # unlabelled images (label -1)
+      name = 'unlabelled'
+    else:
+      name = class_names[int(c)] if class_names is not None else str(c)
     ax.scatter(points[members, 0], points[members, 1], s=6, color=palette(i), label=name,
                alpha=0.8, linewidths=0)
   # Beyond 20 classes a legend would hide the plot.
   if len(classes) <= 20:
     ax.legend(loc='best', fontsize=7, markerscale=2, frameon=False)
   title = {'pca': 'PCA', 'tsne': 't-SNE'}[method]
-  ax.set_title(f'{title} of the test embeddings, coloured by class')
+  coloured = ', coloured by class' if (classes >= 0).any() else ''
+  ax.set_title(f'{title} of the test embeddings{coloured}')
   ax.set_xlabel(f'{title} 1')
   ax.set_ylabel(f'{title} 2')
   return fig
