@@ -32,6 +32,8 @@ def method_config(arg, name: str) -> ml_collections.ConfigDict:
     # STL-10 is made for self-supervision: its 100k unlabelled images plus the 5k labelled
     # training images, as the papers train on it; the labelled splits evaluate.
     c.data.train_split = 'train+unlabelled'
+  if arg.dataset in ('tfds:imagenet2012', 'tfds:imagenette'):
+    c.data.eval_split = 'validation'  # ImageNet's test labels are withheld
   c.method.name = name
   return c
 

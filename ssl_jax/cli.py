@@ -232,8 +232,12 @@ def run(main, config_flag: str | None = None) -> None:
   def main_without_traceback(argv):
     try:
       return main(argv)
-    except config_lib.ConfigError as error:
-      sys.stderr.write(f'{error}\n')
+    except Exception as error:  # pylint: disable=broad-except
+      # Also one raised in an input thread and re-raised by grain around it.
+      config_error = _innermost(error, config_lib.ConfigError)
+      if config_error is None:
+        raise
+      sys.stderr.write(f'{config_error}\n')
       sys.exit(1)
 
   if not verbosity_given(sys.argv):

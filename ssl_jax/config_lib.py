@@ -192,6 +192,11 @@ class ConfigError(ValueError):
   """A config that cannot run; the message lists every problem and its fix."""
 
 
+class DataError(ConfigError):
+  """Data that cannot be used as given (missing, empty, undecodable); the message names the
+  fix. The command line prints it alone, as a config error."""
+
+
 def _per_view_problems(augment_config, num_global_views: int) -> list[str]:
   """augment.per_view: known fields, one value per global view, probabilities in [0, 1]."""
   from ssl_jax.data import augment  # imports jax, as the registries do

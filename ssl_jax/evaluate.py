@@ -131,13 +131,13 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
   rows, embedded = {}, None
   for name, encode_fn in encoders.items():
     raw = encode_fn is raw_pixels
+    dims = (bank or evaluation_plan.diagnostics).image_dims
+    if raw and dims > eval_data.MAX_RAW_PIXEL_DIMS:
+      logging.info('Raw pixels left out: %d values per image is too many.', dims)
+      continue
     diagnostics_fn = lambda: monitor.measure(encode_fn)[0]
     if bank is None:
       rows[name] = evaluate_features(None, None, evals, diagnostics_fn=diagnostics_fn)
-      continue
-    if raw and bank.image_dims > eval_data.MAX_RAW_PIXEL_DIMS:
-      logging.info('Raw pixels left out: %d values per image is too many for a bank.',
-                   bank.image_dims)
       continue
     logging.info('Evaluating %s...', name)
     image_size = None if (raw or bank.transform is not None) else (e.image_size or None)

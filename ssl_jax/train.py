@@ -112,7 +112,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   if config.eval.diagnostics:
     observer = RepresentationObserver(config, workdir, writer, resume_step=step,
                                       evaluation_plan=evaluation_plan)
-  skipped_images = 0  # undecodable images this call replaced (data.skip_corrupt)
+  skipped_images = skipped_logged = 0  # undecodable images replaced (data.skip_corrupt)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   last_step = min(total_steps, stop_at_step or total_steps)
@@ -176,8 +176,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
           summary['images_per_sec'] = window_steps * config.batch_size / elapsed
           if skipped_images:
             summary['data/skipped_images'] = skipped_images
-            logging.warning('%d undecodable image(s) skipped so far (this host; each named in '
-                            'a warning above).', skipped_images)
+            if skipped_images > skipped_logged:
+              logging.warning('%d undecodable image(s) skipped so far by this process (each '
+                              'file named in a warning above).', skipped_images)
+              skipped_logged = skipped_images
           writer.write_scalars(step, summary)
           logging.info('step %d/%d: loss %.4f, %.0f images/s, ~%.0f s left', step,
                        total_steps, summary['loss'], summary['images_per_sec'],

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssl_jax import config_lib
 from ssl_jax.data import host_crop, pipeline, sources
 
 NUM_IMAGES = 23  # not a multiple of the batch: batches run across epoch boundaries
@@ -93,19 +94,22 @@ def test_views_do_not_depend_on_hosts_or_workers(image_folder):
 
 def test_resume_with_workers_sees_the_same_views(image_folder):
   # Catches: a worker iterator whose state does not restore (restarting at batch 0, or
-  # skipping the prefetched batches), with the state round-tripped as orbax stores it.
-  straight = batches(image_folder, 6, worker_count=2)
-  it = pipeline.make_train_iterator(image_folder, global_batch_size=8, seed=3,
-                                    process_index=0, process_count=1, crop_specs=SPECS,
-                                    worker_count=2)
-  for _ in range(3):
-    next(it)
+  # skipping the prefetched batches), and a state that only the same worker count can
+  # restore (a resumed run on a machine with other cores).
+  straight = batches(image_folder, 6)
+  make = lambda workers: pipeline.make_train_iterator(
+      image_folder, global_batch_size=8, seed=3, process_index=0, process_count=1,
+      crop_specs=SPECS, worker_count=workers)
+  it = make(2)
+  assert_batches_equal(straight[:3], [next(it) for _ in range(3)])
   state = it.get_state()
-  resumed = pipeline.make_train_iterator(image_folder, global_batch_size=8, seed=3,
-                                         process_index=0, process_count=1, crop_specs=SPECS,
-                                         worker_count=2)
-  resumed.set_state(state)
-  assert_batches_equal(straight[3:], [next(resumed) for _ in range(3)])
+  it.close()
+  assert state == {'next_index': 3}
+  for workers in (2, 1, 0):
+    resumed = make(workers)
+    resumed.set_state(state)
+    assert_batches_equal(straight[3:], [next(resumed) for _ in range(3)])
+    resumed.close()
 
 
 def test_undecodable_image_is_replaced_counted_or_fatal(tmp_path, caplog):
@@ -118,14 +122,29 @@ def test_undecodable_image_is_replaced_counted_or_fatal(tmp_path, caplog):
   got = batches(source, 3, global_batch_size=12, shuffle=False)
   skipped = sum(int(b['skipped'].sum()) for b in got)
   assert skipped == 3
-  row = bad  # without shuffling, position = record index within each epoch
-  for b in got:
-    assert b['views'][0].shape[0] == 12 and b['skipped'][row] == 1
-    # The replacement is the next record, whose own row follows: a different crop of it.
-    assert not np.array_equal(b['views'][0][row], b['views'][0][row + 1])
+  for epoch, b in enumerate(got):
+    assert b['views'][0].shape[0] == 12 and b['skipped'][bad] == 1
+    assert b['skipped'].sum() == 1
+    # The replacement is the next record (without shuffling, position = record index),
+    # cropped with the randomness of the bad image's own position.
+    position = 12 * epoch + bad
+    expected = host_crop.random_views(host_crop.decode_image(source[bad + 1]['image']),
+                                      SPECS, 3, position)
+    for view, want in zip(b['views'], expected):
+      np.testing.assert_array_equal(view[bad], want)
   assert 'img005.jpg' in caplog.text
   with pytest.raises(ValueError, match=r'img005\.jpg.*skip_corrupt'):
     batches(source, 1, global_batch_size=12, shuffle=False, skip_corrupt=False)
+
+
+def test_many_undecodable_images_in_a_row_stop_the_run(tmp_path, monkeypatch):
+  # Catches: a folder of undecodable files (a wrong format, an empty disk image) skipped
+  # forever instead of stopping with a message.
+  write_images(tmp_path, 6, corrupt=(0, 1, 2, 3))
+  source = sources.get_source(f'folder:{tmp_path}', 'train')
+  monkeypatch.setattr(pipeline, 'MAX_CONSECUTIVE_CORRUPT', 3)
+  with pytest.raises(config_lib.DataError, match='3 consecutive images'):
+    batches(source, 1, global_batch_size=2, shuffle=False)
 
 
 def test_encoded_source_needs_crop_specs(image_folder):
@@ -155,6 +174,7 @@ def test_eval_batches_are_padded_sharded_by_host_and_centre_cropped(tmp_path):
     rows = list(pipeline.make_eval_iterator(source, global_batch_size=4,
                                             transform=transform, process_index=h,
                                             process_count=2))
+    assert len(rows) == len(single)
     for whole, part in zip(single, rows):
       np.testing.assert_array_equal(part['image'], whole['image'][2 * h:2 * h + 2])
       np.testing.assert_array_equal(part['valid'], whole['valid'][2 * h:2 * h + 2])

@@ -56,11 +56,15 @@ def test_train_prints_short_log_and_table_then_resumes(tmp_path):
     ('--config.batch_szie=64', 'batch_szie'),
     ('--config.batch_size=33', 'not divisible by the 2 devices'),
     ('--config.data.data_dir=/nonexistent', 'apt-get install dataset-fashion-mnist'),
+    ('--config.data.name=folder:/nonexistent/photos', 'Image folder /nonexistent/photos '
+     'does not exist'),
 ])
 def test_bad_input_fails_with_the_fix(tmp_path, flag, message):
+  # Missing data, like a config mistake, is one message without a traceback.
   result = _run(f'--workdir={tmp_path}', '--config.total_steps=2', *TINY, flag)
   assert result.returncode != 0
   assert message in result.stderr
+  assert 'Traceback' not in result.stdout + result.stderr, result.stderr
 
 
 @pytest.mark.parametrize('flags,messages', [

@@ -47,13 +47,15 @@ def test_unlabelled_folder_trains_resumes_exactly_with_workers(tiny_config, fold
                                                                tmp_path):
   # Catches: the host-cropped views not reaching the step, a corrupt file ending the run or
   # going uncounted, the kNN not reading the labelled folder (val/ for test), and a resume
-  # with worker processes that does not continue the stream where it stopped.
+  # with worker processes (another count) that does not continue the stream where it
+  # stopped.
   config = folder_config(tiny_config, folders, worker_count=2)
   straight, results = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   assert results['steps_run'] == 4 and results['skipped_images'] >= 1
   assert 0 <= results['knn_top1'] <= 1 and 'diagnostics/effective_rank' in results
   first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
   first = jax.device_get(first)
+  config.data.worker_count = 1  # resumed on a machine with other cores
   resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert results['restored_step'] == 2 and results['steps_run'] == 2
   _assert_trees_equal(resumed, straight)
@@ -118,5 +120,16 @@ def test_imagenet_config_runs_on_tfds_mock_data_of_variable_size(tmp_path, backb
   with tfds.testing.mock_data(num_examples=16):
     plan = eval_data.plan(config)
     assert plan.bank.transform.crop_size == 64 and plan.bank.transform.resize_size == 73
+    assert config.data.eval_split == 'validation'  # the test split has no labels
     _, results = train.train_and_evaluate(config, str(tmp_path))
   assert results['steps_run'] == 2 and np.isfinite(results['knn_top1'])
+
+
+def test_bank_and_queries_with_other_classes_fail_first(tiny_config, folders, tmp_path):
+  # Catches: queries whose class folders differ from the bank's (class indices are positions
+  # among the folders, so every later label would shift) scored silently.
+  write_images(tmp_path / 'train', 6, classes=3)
+  write_images(tmp_path / 'test', 4, classes=2)
+  config = folder_config(tiny_config, folders, eval_name=f'folder:{tmp_path}')
+  with pytest.raises(config_lib.ConfigError, match='different classes'):
+    eval_data.plan(config)

@@ -30,6 +30,8 @@ from typing import Sequence
 from absl import logging
 import numpy as np
 
+from ssl_jax import config_lib
+
 __all__ = [
     'FolderSource', 'IMAGE_EXTENSIONS', 'ImageFolderError', 'ImageReadError', 'folder_classes',
     'folder_source', 'resolved_folder',
@@ -49,8 +51,9 @@ _LAYOUTS = ('root/<class>/<image> (labelled: one sub-folder per class, as in Ima
             'train/ folder) or root/<image> (unlabelled: the images directly in the folder)')
 
 
-class ImageFolderError(ValueError):
-  """A folder cannot serve as an image source (no images, mixed layouts, unmatched split)."""
+class ImageFolderError(config_lib.DataError):
+  """A folder cannot serve as an image source (no images, mixed layouts, unmatched split);
+  a ValueError that the command line prints alone, as a config error."""
 
 
 class ImageReadError(OSError):

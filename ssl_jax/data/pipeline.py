@@ -29,11 +29,13 @@ end, with the evaluation transform (short-side resize, central crop) for encoded
 
 Checkpointing the iterator with orbax
 -------------------------------------
-``iter(...)`` returns a grain ``DatasetIterator``; its state is ``{'next_index': step}``
-(the number of batches handed out). grain ships an orbax handler,
-``grain.checkpoint.CheckpointHandler``, with the arguments ``grain.checkpoint.CheckpointSave``
-/ ``CheckpointRestore`` registered for it, so it goes into a ``Composite`` next to the model
-state; each host writes its own ``process_<i>-of-<n>.json``::
+`make_train_iterator` returns a `StepIterator`, a grain ``DatasetIterator`` whose state is
+``{'next_index': step}`` (the number of batches handed out), with or without worker
+processes: batch k is a pure function of k, and restoring starts the pipeline again at k.
+grain ships an orbax handler, ``grain.checkpoint.CheckpointHandler``, with the arguments
+``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` registered for it, so it goes
+into a ``Composite`` next to the model state; each host writes its own
+``process_<i>-of-<n>.json``::
 
     import grain
     import orbax.checkpoint as ocp
@@ -55,10 +57,9 @@ state; each host writes its own ``process_<i>-of-<n>.json``::
 Notes: the grain state is read when ``save`` is called (also with asynchronous
 checkpointing), so save right after the batches of the saved steps were consumed; if
 batches are buffered outside the iterator (e.g. a device-prefetch queue), the saved state is
-ahead of the training step by the buffer length. The state depends on the pipeline: restore
-with the same seed, batch size, source and ``worker_count`` (with workers grain's state has
-another format). Because ``next_index`` is just the step, a run can also be resumed under a
-different number of hosts with ``iterator.set_state({'next_index': step})`` (worker_count=0).
+ahead of the training step by the buffer length. Restore with the same seed, batch size and
+source; because ``next_index`` is just the step, any number of worker processes or hosts
+continues the same stream.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ import grain
 import numpy as np
 from absl import logging
 
+from ssl_jax import config_lib
 from ssl_jax.data import host_crop
 
-__all__ = ['EvalTransform', 'make_eval_arrays', 'make_eval_iterator', 'make_train_iterator',
-           'read_batch']
+__all__ = ['EvalTransform', 'StepIterator', 'make_eval_arrays', 'make_eval_iterator',
+           'make_train_iterator', 'read_batch', 'spread_indices']
 
 
 def read_batch(source: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -214,19 +216,21 @@ class _CropExample:
         problem = _corrupt(self.source, index, e, self.skip_corrupt)
         skipped += 1
         if skipped >= MAX_CONSECUTIVE_CORRUPT:
-          raise ValueError(f'{skipped} consecutive images could not be decoded, the last: '
-                           f'{problem}. Check the data.') from e
+          raise config_lib.DataError(
+              f'{skipped} consecutive images could not be decoded, the last: {problem}. '
+              'That is not a few bad files: check the path and the files\' format.') from e
     views = host_crop.random_views(image, self.specs, self.order.seed, position)
     return {'views': views, 'label': np.int32(record['label']), 'skipped': np.int32(skipped)}
 
 
 def _corrupt(source, index: int, error: Exception, skip: bool) -> str:
   """Warns about (or, unless `skip`, raises for) an image that cannot be decoded."""
-  what = f'{source.describe(index)}: {error}'
+  describe = getattr(source, 'describe', None)
+  what = f'{describe(index) if describe else f"record {index} of {source!r}"}: {error}'
   if not skip:
-    raise ValueError(f'Cannot decode {what}. Remove or replace the file, or set '
-                     '--config.data.skip_corrupt=True to skip such images with a warning.'
-                     ) from error
+    raise config_lib.DataError(
+        f'Cannot decode {what}. Remove or replace the file, or set '
+        '--config.data.skip_corrupt=True to skip such images with a warning.') from error
   # Once per file and process: a bad file comes round every epoch; the count says how often.
   if what not in _WARNED:
     _WARNED.add(what)
@@ -245,7 +249,7 @@ def make_train_iterator(source: Any, *, global_batch_size: int, seed: int,
                         read_options: grain.ReadOptions | None = None,
                         crop_specs: Sequence[host_crop.CropSpec] | None = None,
                         channels: int = 3, skip_corrupt: bool = True
-                        ) -> grain.DatasetIterator:
+                        ) -> 'StepIterator':
   """An iterator of this host's training batches, checkpointable with get_state/set_state.
 
   Args:
@@ -271,10 +275,10 @@ def make_train_iterator(source: Any, *, global_batch_size: int, seed: int,
       one, with a warning naming it (else raise).
 
   Returns:
-    A grain `DatasetIterator` of {'image': uint8 [per_host, H, W, C], 'label': int32
-    [per_host]}, or with `crop_specs` of {'views': (uint8 [per_host, s, s, C] per view),
-    'label': int32 [per_host], 'skipped': int32 [per_host]} ('skipped': how many
-    undecodable images each row replaced). See the module docstring for saving it with orbax.
+    A `StepIterator` (a grain DatasetIterator) of {'image': uint8 [per_host, H, W, C],
+    'label': int32 [per_host]}, or with `crop_specs` of {'views': (uint8 [per_host, s, s, C]
+    per view), 'label': int32 [per_host], 'skipped': int32 [per_host]} ('skipped': how
+    many undecodable images each row replaced). See the module docstring for saving it with orbax.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -328,30 +332,88 @@ def make_train_iterator(source: Any, *, global_batch_size: int, seed: int,
                        'to decode and crop them on the host.')
     if read_options is None:
       read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-    dataset = grain.MapDataset.range(num_steps).map(_ReadHostBatch(source, order))
+    read_fn = _ReadHostBatch(source, order)
+
+    def batches_from(step: int) -> grain.MapDataset:
+      return grain.MapDataset.range(step, num_steps).map(read_fn)
   else:
     if read_options is None:
-      read_options = _decode_read_options(worker_count, host_batch_size)
+      read_options = _decode_read_options(worker_count)
+    crop = _CropExample(source, order, crop_specs, channels=channels,
+                        skip_corrupt=skip_corrupt)
     if total_positions is None:
       num_elements = sys.maxsize // host_batch_size * host_batch_size
     else:  # single host when the last batch is partial
       num_elements = num_steps * host_batch_size if drop_remainder else total_positions
-    crop = _CropExample(source, order, crop_specs, channels=channels,
-                        skip_corrupt=skip_corrupt)
-    dataset = grain.MapDataset.range(num_elements).map(crop).batch(host_batch_size)
-  dataset = dataset.to_iter_dataset(read_options)
-  if worker_count > 0:
-    _ensure_absl_flags_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(dataset)
+
+    def batches_from(step: int) -> grain.MapDataset:
+      # Batched before grain's prefetch and workers: one element is one host batch, so the
+      # batches are the same for any number of workers.
+      return grain.MapDataset.range(step * host_batch_size, num_elements).map(crop).batch(
+          host_batch_size)
+
+  def iter_dataset_from(step: int) -> grain.IterDataset:
+    dataset = batches_from(step).to_iter_dataset(read_options)
+    if worker_count > 0:
+      _ensure_absl_flags_parsed()
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return dataset
+
+  return StepIterator(iter_dataset_from)
 
 
-def _decode_read_options(worker_count: int, host_batch_size: int) -> grain.ReadOptions:
-  """Threads for per-example decoding: Pillow releases the GIL while it decodes and resizes,
-  so threads run in parallel; the host's cores are shared out between the worker processes
-  (or all go to this process without workers)."""
+class StepIterator(grain.DatasetIterator):
+  """Batches from a step on, whose checkpointed state is only that step: {'next_index': k}.
+
+  Batch k is a pure function of k (and the pipeline's arguments), so the step is all a resumed
+  run needs; grain's own iterator state with worker processes holds one entry per worker and
+  cannot be restored under another worker count (a machine with other cores). `set_state`
+  starts the pipeline again at the restored step. grain's orbax handler saves it like any
+  grain iterator.
+  """
+
+  def __init__(self, iter_dataset_from, start: int = 0):
+    super().__init__()
+    self._iter_dataset_from = iter_dataset_from
+    self._next_index = start
+    self._iterator = None
+
+  def _started(self):
+    if self._iterator is None:
+      self._iterator = iter(self._iter_dataset_from(self._next_index))
+    return self._iterator
+
+  def __next__(self):
+    batch = next(self._started())
+    self._next_index += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {'next_index': self._next_index}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.close()
+    self._next_index = int(state['next_index'])
+
+  def start_prefetch(self) -> None:
+    self._started()
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      close = getattr(self._iterator, 'close', None)
+      if close is not None:
+        close()
+      self._iterator = None
+
+
+def _decode_read_options(worker_count: int) -> grain.ReadOptions:
+  """Prefetching for pipelines that decode images: each element is a whole host batch, read
+  by one thread (Pillow releases the GIL, so threads decode batches in parallel); the host's
+  cores are shared out between the worker processes (or all go to this process without
+  workers), and each process buffers as many batches as it has threads, no more: a batch of
+  224-pixel views is ~300 KB per example."""
   threads = max(1, (os.cpu_count() or 1) // max(1, worker_count))
-  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * host_batch_size)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
 
 
 def _ensure_absl_flags_parsed():
@@ -373,7 +435,7 @@ class EvalTransform(NamedTuple):
 
 
 class _EvalGeometry(NamedTuple):
-  num_examples: int
+  records: np.ndarray  # the record index at each position
   global_batch_size: int
   host_batch_size: int
   host_offset: int
@@ -392,8 +454,8 @@ class _ReadEvalBatch:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     g = self.geometry
     positions = g.position(int(step) * g.host_batch_size) + np.arange(g.host_batch_size)
-    valid = positions < g.num_examples
-    batch = read_batch(self.source, np.minimum(positions, g.num_examples - 1))
+    valid = positions < len(g.records)
+    batch = read_batch(self.source, g.records[np.minimum(positions, len(g.records) - 1)])
     return dict(batch, valid=valid)
 
 
@@ -410,32 +472,43 @@ class _EvalExample:
     position = self.geometry.position(int(element))
     t = self.transform
     image = np.zeros((t.crop_size, t.crop_size, t.channels), np.uint8)
-    if position >= self.geometry.num_examples:
+    if position >= len(self.geometry.records):
       return {'image': image, 'label': np.int32(-1), 'valid': False}
+    index = int(self.geometry.records[position])
     try:
-      record = self.source[position]
+      record = self.source[index]
       decoded = host_crop.decode_image(record['image'], t.channels)
     except _UNREADABLE as e:
-      _corrupt(self.source, position, e, self.skip_corrupt)
+      _corrupt(self.source, index, e, self.skip_corrupt)
       return {'image': image, 'label': np.int32(-1), 'valid': False}
     return {'image': host_crop.center_crop(decoded, t.resize_size, t.crop_size),
             'label': np.int32(record['label']), 'valid': True}
 
 
+def spread_indices(num_records: int, num_examples: int | None) -> np.ndarray:
+  """`num_examples` record indices spread evenly over `num_records` (all of them by default).
+
+  Evaluation subsets are spread rather than the first N: a folder's records are sorted by
+  class, so its first 10,000 ImageNet images hold 8 of the 1,000 classes."""
+  n = num_records if not num_examples else min(int(num_examples), num_records)
+  return np.arange(n, dtype=np.int64) * num_records // max(n, 1)
+
+
 def make_eval_iterator(source: Any, *, global_batch_size: int,
-                       num_examples: int | None = None,
+                       records: Sequence[int] | np.ndarray | None = None,
                        transform: EvalTransform | None = None,
                        process_index: int | None = None, process_count: int | None = None,
                        worker_count: int = 0, skip_corrupt: bool = True
                        ) -> Iterator[dict[str, np.ndarray]]:
-  """This host's rows of each evaluation batch over the first `num_examples` records (all by
-  default), in order, for feature extraction that keeps only the features.
+  """This host's rows of each evaluation batch over `records` (record indices, in order;
+  default every record), for feature extraction that keeps only the features.
 
-  Global batch t holds records ``[t * B, (t + 1) * B)``; host h reads rows
+  Global batch t holds positions ``[t * B, (t + 1) * B)`` of `records`; host h reads rows
   ``[h * B / P, (h + 1) * B / P)`` of it, as in training. The last batch is padded: every
   element is {'image': uint8 [B / P, ...], 'label': int32 [B / P], 'valid': bool [B / P]},
-  'valid' marking the real rows. Encoded sources need `transform`; for the others images
-  come as stored.
+  'valid' marking the real rows (undecodable images are invalid too, with a warning, unless
+  `skip_corrupt` is False). Encoded sources need `transform`; for the others images come as
+  stored.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -445,13 +518,14 @@ def make_eval_iterator(source: Any, *, global_batch_size: int,
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(f'The evaluation batch size {global_batch_size} must be a positive '
                      f'multiple of the {process_count} processes (--config.eval.batch_size).')
-  n = len(source) if num_examples is None else min(int(num_examples), len(source))
-  if n <= 0:
+  records = (np.arange(len(source), dtype=np.int64) if records is None
+             else np.asarray(records, np.int64))
+  if len(records) == 0:
     raise ValueError(f'{source!r} has no records to evaluate on.')
   host_batch_size = global_batch_size // process_count
-  geometry = _EvalGeometry(n, global_batch_size, host_batch_size,
+  geometry = _EvalGeometry(records, global_batch_size, host_batch_size,
                            process_index * host_batch_size)
-  num_steps = -(-n // global_batch_size)
+  num_steps = -(-len(records) // global_batch_size)
   if getattr(source, 'encoded', False):
     if transform is None:
       raise ValueError(f'{source!r} holds encoded images of varying size: evaluation needs '
@@ -459,7 +533,7 @@ def make_eval_iterator(source: Any, *, global_batch_size: int,
     example = _EvalExample(source, geometry, transform, skip_corrupt)
     dataset = grain.MapDataset.range(num_steps * host_batch_size).map(example)
     dataset = dataset.batch(host_batch_size)
-    read_options = _decode_read_options(worker_count, host_batch_size)
+    read_options = _decode_read_options(worker_count)
   else:
     dataset = grain.MapDataset.range(num_steps).map(_ReadEvalBatch(source, geometry))
     read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
@@ -488,11 +562,11 @@ def make_eval_arrays(source: Any, max_examples: int | None = None,
   if isinstance(images, np.ndarray) and isinstance(labels, np.ndarray):
     return images[:n], labels[:n]
   if n == 0:
-    first = next(make_eval_iterator(source, global_batch_size=1, num_examples=1,
+    first = next(make_eval_iterator(source, global_batch_size=1, records=[0],
                                     transform=transform, process_index=0, process_count=1))
     return first['image'][:0], first['label'][:0]
   chunks = [b for b in make_eval_iterator(source, global_batch_size=min(chunk_size, n),
-                                          num_examples=n, transform=transform,
+                                          records=np.arange(n), transform=transform,
                                           process_index=0, process_count=1)]
   valid = np.concatenate([c['valid'] for c in chunks])
   return (np.concatenate([c['image'] for c in chunks])[valid],

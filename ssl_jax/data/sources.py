@@ -47,6 +47,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from ssl_jax import config_lib
 from ssl_jax.data import folder
 
 __all__ = [
@@ -663,11 +664,28 @@ def _folder_path(path: str, data_dir: os.PathLike | str | None) -> pathlib.Path:
   return folder_path
 
 
+class MissingDataError(config_lib.DataError, FileNotFoundError):
+  """A dataset that is not where it was looked for; the message says how to get it. A
+  FileNotFoundError, and a config error that the command line prints without a traceback."""
+
+
 def get_source(name: str, split: str, data_dir: os.PathLike | str | None = None,
                download: bool = False):
   """'fashion_mnist' -> `fashion_mnist`; 'tfds:<name>' -> `tfds_source`; 'folder:<path>' ->
   `folder.folder_source` (``<path>/<split>`` if that folder exists, else ``<path>`` for every
-  split; a relative path is under `data_dir`; `download` does not apply)."""
+  split; a relative path is under `data_dir`; `download` does not apply).
+
+  Data that is missing raises `MissingDataError`, a folder that cannot serve
+  `folder.ImageFolderError`: both name the fix."""
+  try:
+    return _get_source(name, split, data_dir, download)
+  except (FileNotFoundError, NotADirectoryError) as e:
+    if isinstance(e, MissingDataError):
+      raise
+    raise MissingDataError(str(e)) from e
+
+
+def _get_source(name: str, split: str, data_dir, download: bool):
   if (tfds_name := _after(name, TFDS_PREFIX)) is not None:
     return tfds_source(tfds_name, split, data_dir=data_dir, download=download)
   if (path := _after(name, FOLDER_PREFIX)) is not None:

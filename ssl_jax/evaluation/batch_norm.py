@@ -107,8 +107,7 @@ def _refresh_set(config):
   from ssl_jax.evaluation import eval_data  # pylint: disable=g-import-not-at-top
   d = config.data
   source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir, download=d.download)
-  return eval_data.EvalSet(source, len(source), eval_data.eval_transform(config, source),
-                           eval_data.worker_count(config, source))
+  return eval_data.make_eval_set(config, source)
 
 
 def refresh_images(config, max_images: int | None = None) -> np.ndarray:

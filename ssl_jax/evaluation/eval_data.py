@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -37,13 +37,18 @@ class EvaluationConfigError(config_lib.ConfigError):
   """A label-based evaluation was asked for on images without labels."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class EvalSet:
-  """The first `num_examples` records of `source`, as evaluation reads them."""
+  """The records `records` of `source` (record indices, in order), as evaluation reads them."""
   source: Any
-  num_examples: int
+  records: np.ndarray
   transform: pipeline.EvalTransform | None  # None: images as stored
   worker_count: int = 0
+  skip_corrupt: bool = True
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.records)
 
   def batches(self, batch_size: int, *, this_host_only: bool = False
               ) -> Iterator[dict[str, np.ndarray]]:
@@ -51,13 +56,16 @@ class EvalSet:
     unless `this_host_only` (then this process reads every row)."""
     hosts = dict(process_index=0, process_count=1) if this_host_only else {}
     return pipeline.make_eval_iterator(
-        self.source, global_batch_size=batch_size, num_examples=self.num_examples,
-        transform=self.transform, worker_count=self.worker_count, **hosts)
+        self.source, global_batch_size=batch_size, records=self.records,
+        transform=self.transform, worker_count=self.worker_count,
+        skip_corrupt=self.skip_corrupt, **hosts)
 
-  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images, labels) in memory: for small sets (diagnostics)."""
-    return pipeline.make_eval_arrays(self.source, self.num_examples,
-                                     transform=self.transform)
+  def arrays(self, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, labels) of the valid records in memory: for small sets (diagnostics)."""
+    chunks = list(self.batches(batch_size, this_host_only=True))
+    valid = np.concatenate([c['valid'] for c in chunks])
+    return (np.concatenate([c['image'] for c in chunks])[valid],
+            np.concatenate([c['label'] for c in chunks])[valid])
 
   @property
   def image_dims(self) -> int:
@@ -66,9 +74,12 @@ class EvalSet:
     return int(np.prod(self.source.image_shape))
 
   def limited(self, num_examples: int | None) -> 'EvalSet':
-    if not num_examples:
+    """At most `num_examples` of the records, spread evenly over them
+    (`pipeline.spread_indices`: a folder's records are sorted by class)."""
+    if not num_examples or num_examples >= self.num_examples:
       return self
-    return dataclasses.replace(self, num_examples=min(self.num_examples, int(num_examples)))
+    keep = pipeline.spread_indices(self.num_examples, num_examples)
+    return dataclasses.replace(self, records=self.records[keep])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +118,12 @@ def default_worker_count() -> int:
   return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
-def _eval_set(config, source, num_examples=None) -> EvalSet:
-  n = len(source) if not num_examples else min(len(source), int(num_examples))
-  return EvalSet(source, n, eval_transform(config, source), worker_count(config, source))
+def make_eval_set(config, source, num_examples: int | None = None) -> EvalSet:
+  """`num_examples` records of `source` spread over it (all by default), read as `config`
+  says (evaluation transform, workers, skip_corrupt)."""
+  return EvalSet(source, pipeline.spread_indices(len(source), num_examples),
+                 eval_transform(config, source), worker_count(config, source),
+                 config.data.get('skip_corrupt', True))
 
 
 def _open_eval_source(config, name: str, split: str):
@@ -153,10 +167,20 @@ def plan(config, train_source=None) -> EvalPlan:
     if train_source is None:
       train_source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir,
                                         download=d.download)
-    diagnostics = _eval_set(config, train_source, config.eval.diagnostics_size)
+    diagnostics = make_eval_set(config, train_source, config.eval.diagnostics_size)
     return EvalPlan(None, None, diagnostics, f'{problem}. {fix}', None)
-  return EvalPlan(_eval_set(config, bank), _eval_set(config, queries),
-                  _eval_set(config, queries, config.eval.diagnostics_size), None,
+  bank_classes = getattr(bank, 'class_names', None)
+  query_classes = getattr(queries, 'class_names', None)
+  if bank_classes is not None and query_classes is not None and bank_classes != query_classes:
+    # A folder's class index is its position among the split's class folders: with other
+    # folders the queries' labels would not mean the bank's classes.
+    raise EvaluationConfigError(
+        f'The kNN bank ({d.eval_train_split!r}) and the queries ({d.eval_split!r}) of {name!r} '
+        f'have different classes ({len(bank_classes)} and {len(query_classes)}; e.g. '
+        f'{sorted(set(bank_classes) ^ set(query_classes))[:3]} in only one): give both '
+        'splits the same class folders (an empty folder keeps a class in place).')
+  return EvalPlan(make_eval_set(config, bank), make_eval_set(config, queries),
+                  make_eval_set(config, queries, config.eval.diagnostics_size), None,
                   getattr(bank, 'class_names', None))
 
 
