@@ -27,8 +27,10 @@ flags.DEFINE_string('workdir', None, 'Workdir of a training run (holds config.js
                     'checkpoints/).')
 flags.DEFINE_list('evals', list(EVALS), f'Evaluations to run, from {EVALS}.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate; default the latest.')
-flags.DEFINE_integer('bank_size', 0, 'Use the first N training examples (0 = all).')
-flags.DEFINE_integer('test_size', 0, 'Use the first N test examples (0 = all).')
+flags.DEFINE_integer('bank_size', 0, 'Use N training examples spread evenly over the split '
+                     '(0 = all).')
+flags.DEFINE_integer('test_size', 0, 'Use N test examples spread evenly over the split '
+                     '(0 = all).')
 flags.DEFINE_bool('baselines', True, 'Also score the random-init encoder and raw pixels.')
 flags.DEFINE_enum('embedding', 'pca', ['pca', 'tsne', 'none'],
                   'The 2-D embedding plot of the trained encoder\'s test features.')

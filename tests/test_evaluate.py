@@ -96,7 +96,13 @@ def test_pretrained_load_names_the_fix_for_a_wrong_workdir(tmp_path):
 def test_evaluate_workdir_table_and_json(trained_workdir):
   workdir = trained_workdir[0]
   result = evaluate.evaluate_workdir(workdir, bank_size=2000, test_size=150, seed=0)
-  counts = np.bincount(pipeline.make_eval_arrays(sources.fashion_mnist("train"), 2000)[1])
+  # --bank_size and --test_size take examples spread evenly over each split.
+  def spread(split, n):
+    source = sources.fashion_mnist(split)
+    indices = pipeline.spread_indices(len(source), n)
+    return source.images[indices], source.labels[indices]
+
+  counts = np.bincount(spread('train', 2000)[1])
   rows = result['rows']
   assert list(rows) == ['trained encoder', 'random-init encoder', 'raw pixels']
   for row in rows.values():
@@ -113,9 +119,7 @@ def test_evaluate_workdir_table_and_json(trained_workdir):
   e = model.config.eval
   encode = batch_norm.refreshed_frozen_encoder(model.config, model.method,
                                                model.initial_state())
-  (x_bank, y_bank), (x_test, y_test) = (
-      pipeline.make_eval_arrays(sources.fashion_mnist(split), n)
-      for split, n in (('train', 2000), ('test', 150)))
+  (x_bank, y_bank), (x_test, y_test) = spread('train', 2000), spread('test', 150)
   extract = lambda x: features.extract_features(encode, x, e.batch_size, e.image_size)
   assert rows['random-init encoder']['knn_top1'] == knn.knn_accuracy(
       extract(x_bank), y_bank, extract(x_test), y_test, k=e.knn_k,
