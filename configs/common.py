@@ -17,9 +17,10 @@ CONVNET_LARGE_IMAGE_CROP = 64
 
 def parse_arg(arg: str | None, **extra) -> ml_collections.ConfigDict:
   """The arguments every method config takes (after ':' on the command line): backbone
-  (convnet | resnet18 | resnet34 | resnet50), batch and epochs (0: the recipe's), dataset
-  (fashion_mnist | tfds:<name> | folder:<path>) and crop (training crop side; 0: the
-  recipe's); `extra` adds a config's own, with their defaults."""
+  (convnet | resnet18 | resnet34 | resnet50 | vit_tiny | vit_small | vit_base | vit_large),
+  batch and epochs (0: the recipe's), dataset (fashion_mnist | tfds:<name> | folder:<path>)
+  and crop (training crop side; 0: the recipe's); `extra` adds a config's own, with their
+  defaults."""
   return config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
                               dataset='fashion_mnist', crop=0, **extra)
 
@@ -55,9 +56,13 @@ def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float,
   augment.blur_kernel_size (e.g. 3) to blur anyway.
   A ResNet trains at the dataset's native resolution (CIFAR-style stem up to 64 pixels) with
   the paper's `paper_epochs`, batch `resnet_batch` and `resnet_warmup_epochs`.
+  A ViT ('vit_*') is set up by `_set_vit`.
   """
   c.model.name = arg.backbone
-  if arg.backbone == 'convnet':
+  if arg.backbone.startswith('vit_'):
+    _set_vit(c, arg, paper_epochs=paper_epochs, batch=resnet_batch,
+             cpu_warmup_epochs=cpu_warmup_epochs, cpu_crop_scale=cpu_crop_scale)
+  elif arg.backbone == 'convnet':
     c.model.widths = (16, 32, 64)
     c.model.convs_per_stage = 2
     side = IMAGE_SIDE.get(arg.dataset, 224)
@@ -78,6 +83,65 @@ def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float,
     c.eval_every_steps = 5000
     c.batch_size = arg.batch or resnet_batch
     c.optimizer.warmup_epochs = resnet_warmup_epochs
+
+
+def vit_patch_size(crop: int) -> int:
+  """The patch side for a ViT on `crop`-pixel crops: 16 from 96 pixels (ViT/16 at 224: a
+  14 x 14 grid), 4 from 32 (CIFAR: 8 x 8), 2 between (28-pixel MNIST: 14 x 14, as at 224), and
+  4 again up to 16 pixels: the CPU recipe's 16-pixel crops then give 16 tokens where patch 2
+  would give 64, four times the MLP cost and 16 times the attention's, on a CPU."""
+  if crop >= 96:
+    return 16
+  return 4 if crop >= 32 or crop <= 16 else 2
+
+
+def _set_vit(c: ml_collections.ConfigDict, arg, *, paper_epochs: float, batch: int,
+             cpu_warmup_epochs: float, cpu_crop_scale: tuple[float, float] | None) -> None:
+  """A ViT's recipe fields. None of its values was tuned or measured here.
+
+  On datasets of 28-pixel images (Fashion-MNIST, MNIST) the ConvNet's CPU recipe (crops,
+  evaluation size, epochs, batch, warm-up, crop scale, kNN monitor), with AdamW at lr 1e-3
+  (x B/256) and weight decay 0.05 in place of the method's optimizer. Elsewhere the dataset's
+  native resolution (`arg.crop` overrides), the paper's `paper_epochs` and batch `batch`, and a
+  generic ViT optimizer: AdamW, lr 1.5e-4 x B/256 (MoCo v3's), weight decay 0.05 (between
+  MoCo v3's 0.1 and DINO's 0.04) and MoCo v3's 40 warm-up epochs (at most half the run).
+  A config that chose AdamW itself (DINO: its paper's ViT values) keeps its optimizer values.
+  Multi-crop local crops default to a multiple of the patch near crop_size x 96 / 224.
+  """
+  side = IMAGE_SIDE.get(arg.dataset, 224)
+  cpu = side <= 28
+  keep_optimizer = c.optimizer.name == 'adamw'
+  c.optimizer.name = 'adamw'
+  c.optimizer.lr_scaling = 'linear'
+  if cpu:
+    c.augment.crop_size = arg.crop or 16
+    c.eval.image_size = round(c.augment.crop_size * 1.25)
+    c.num_epochs = arg.epochs or 16.0
+    c.eval_every_steps = 500
+    c.batch_size = arg.batch or 256
+    c.optimizer.warmup_epochs = cpu_warmup_epochs
+    if cpu_crop_scale is not None:
+      c.augment.crop_scale = cpu_crop_scale
+    if not keep_optimizer:
+      c.optimizer.base_lr = 1e-3
+      c.optimizer.weight_decay = 0.05
+  else:
+    c.augment.crop_size = arg.crop or side
+    c.num_epochs = arg.epochs or paper_epochs
+    c.eval_every_steps = 5000
+    c.batch_size = arg.batch or batch
+    c.optimizer.warmup_epochs = min(40.0, c.num_epochs / 2)
+    if not keep_optimizer:
+      c.optimizer.base_lr = 1.5e-4
+      c.optimizer.weight_decay = 0.05
+  patch = vit_patch_size(c.augment.crop_size)
+  c.model.patch_size = patch
+  if c.eval.image_size % patch:
+    # The CPU recipe's 1.25 x crop side, rounded to whole patches.
+    c.eval.image_size = round(c.eval.image_size / patch) * patch
+  if c.augment.num_local_crops and not c.augment.local_crop_size:
+    c.augment.local_crop_size = max(
+        patch, round(c.augment.crop_size * 96 / 224 / patch) * patch)
 
 
 def byol_augmentation(a: ml_collections.ConfigDict) -> None:

@@ -58,6 +58,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.widths = (32, 64, 128)      # ConvNet stage channels
   c.model.convs_per_stage = 2
   c.model.dtype = 'float32'           # 'bfloat16' computes in bf16, parameters stay float32
+  # Vision Transformers (vit_tiny, vit_small, vit_base, vit_large).
+  c.model.patch_size = 16             # augment.crop_size must be a multiple
+  c.model.vit_pool = 'cls'            # 'cls' (class token) or 'gap' (mean of patch tokens)
+  c.model.vit_pos_embed = 'learned'   # 'learned' or 'sincos' (MoCo v3's fixed 2-D sin-cos)
+  # Stochastic depth: only where the training step passes a 'dropout' rng, which none of the
+  # methods does yet, so it has no effect there.
+  c.model.drop_path_rate = 0.0
+  c.model.layer_scale_init = 0.0      # LayerScale's initial gain; 0 = no LayerScale
+  c.model.vit_frozen_patch_embed = False  # MoCo v3's random, frozen patch projection
 
   c.data = ml_collections.ConfigDict()
   # 'fashion_mnist', 'tfds:<name>' (e.g. 'tfds:cifar10', 'tfds:imagenet2012') or
@@ -123,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
   # training crop): torchvision's Resize(256) + CenterCrop(224) at ImageNet.
   c.eval.image_size = 0
   c.eval.resize_size = 0
-  c.eval.periodic_bank_size = 10000   # the periodic kNN monitor uses the first examples only
+  c.eval.periodic_bank_size = 10000   # the periodic kNN monitor: examples spread over the split
   c.eval.periodic_test_size = 2000
   c.eval.final_bank_size = 0          # 0 = the whole split, for the final evaluation
   c.eval.final_test_size = 0
@@ -238,6 +247,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   # Imported here: the registries import jax/flax, which config files should not need.
   from ssl_jax import methods, models, optim
   from ssl_jax.data import sources
+  from ssl_jax.models import vit
 
   problems = []
 
@@ -266,6 +276,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         f'model.name={config.model.name!r} is unknown; known: {sorted(models.ENCODERS)}.')
   check(config.model.dtype in models.DTYPES,
         f'model.dtype={config.model.dtype!r} is unknown; known: {sorted(models.DTYPES)}.')
+  m = config.model
+  # .get: configs saved before the ViT fields existed have none of them.
+  patch = m.get('patch_size', 16)
+  check(patch > 0, f'model.patch_size must be positive, got {patch}.')
+  check(m.get('vit_pool', 'cls') in vit.POOLS,
+        f'model.vit_pool={m.get("vit_pool")!r} is unknown; known: {vit.POOLS}.')
+  check(m.get('vit_pos_embed', 'learned') in vit.POS_EMBEDS,
+        f'model.vit_pos_embed={m.get("vit_pos_embed")!r} is unknown; known: {vit.POS_EMBEDS}.')
+  check(0 <= m.get('drop_path_rate', 0.0) < 1,
+        f'model.drop_path_rate must be in [0, 1), got {m.get("drop_path_rate")}.')
+  if models.is_vit(m.name) and patch > 0:
+    sizes = [('augment.crop_size', config.augment.crop_size)]
+    if config.augment.num_local_crops:
+      sizes.append(('the local crop side (augment.local_crop_size)',
+                    config.augment.local_crop_size or
+                    round(config.augment.crop_size * 96 / 224)))
+    if config.eval.image_size:
+      sizes.append(('eval.image_size', config.eval.image_size))
+    for name, size in sizes:
+      check(size % patch == 0,
+            f'{name}={size} is not a multiple of model.patch_size={patch}: the ViT would drop '
+            f'the last {size % patch} pixels. Set it to a multiple of {patch} (e.g. '
+            f'{max(patch, size // patch * patch)}) or change model.patch_size.')
   check(config.optimizer.name in optim.OPTIMIZERS,
         f'optimizer.name={config.optimizer.name!r} is unknown; known: {list(optim.OPTIMIZERS)}.')
   check(config.optimizer.lr_scaling in ('linear', 'sqrt', 'none'),

@@ -130,11 +130,15 @@ def refreshed_encoder_batch_stats(config, params, batch_stats,
   population statistics of `images_uint8` (preprocessed as evaluation does: scaled to [0, 1]
   and resized to `config.eval.image_size` unless they come centre-cropped at that size),
   either one array, taken in batches of `batch_size` (default `config.eval.batch_size`; a
-  last, smaller batch is dropped unless it is the only one), or an iterable of batches."""
+  last, smaller batch is dropped unless it is the only one), or an iterable of batches.
+  An encoder without BatchNorm (a ViT) has no statistics to refresh: `batch_stats` is
+  returned as it is."""
   from ssl_jax.models import build_encoder
-  if 'encoder' not in params or 'encoder' not in batch_stats:
-    raise ValueError("The method's network has no 'encoder' submodule with BatchNorm "
-                     'statistics; the BatchNorm refresh cannot find its layers.')
+  if 'encoder' not in params:
+    raise ValueError("The method's network has no 'encoder' submodule; the BatchNorm refresh "
+                     'cannot find its layers.')
+  if 'encoder' not in batch_stats:
+    return batch_stats
   if isinstance(images_uint8, np.ndarray):
     batch_size = min(batch_size or config.eval.batch_size, len(images_uint8))
     num_batches = max(1, len(images_uint8) // batch_size)

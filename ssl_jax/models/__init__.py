@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from ssl_jax.models.convnet import ConvNet
 from ssl_jax.models.resnet import ResNet18, ResNet34, ResNet50
+from ssl_jax.models.vit import SIZES as VIT_SIZES
+from ssl_jax.models.vit import ViT
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -22,11 +24,24 @@ def _convnet(cfg, axis_name, dtype):
                  axis_name=axis_name, dtype=dtype)
 
 
+def _vit(width, depth, num_heads, cfg, axis_name, dtype):
+  del axis_name  # no BatchNorm: nothing to synchronise across devices
+  return ViT(width=width, depth=depth, num_heads=num_heads, patch_size=cfg.patch_size,
+             pool=cfg.vit_pool, pos_embed=cfg.vit_pos_embed, drop_path_rate=cfg.drop_path_rate,
+             layer_scale_init=cfg.layer_scale_init,
+             frozen_patch_embed=cfg.vit_frozen_patch_embed, dtype=dtype)
+
+
+def is_vit(name: str) -> bool:
+  return name.startswith('vit_')
+
+
 ENCODERS = {
     'resnet18': functools.partial(_resnet, ResNet18),
     'resnet34': functools.partial(_resnet, ResNet34),
     'resnet50': functools.partial(_resnet, ResNet50),
     'convnet': _convnet,
+    **{name: functools.partial(_vit, *size) for name, size in VIT_SIZES.items()},
 }
 
 
