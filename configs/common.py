@@ -66,14 +66,8 @@ def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float,
     c.model.widths = (16, 32, 64)
     c.model.convs_per_stage = 2
     side = IMAGE_SIDE.get(arg.dataset, 224)
-    c.augment.crop_size = arg.crop or (16 if side <= 32 else CONVNET_LARGE_IMAGE_CROP)
-    c.eval.image_size = round(c.augment.crop_size * 1.25)
-    c.num_epochs = arg.epochs or 16.0
-    c.eval_every_steps = 500
-    c.batch_size = arg.batch or 256
-    c.optimizer.warmup_epochs = cpu_warmup_epochs
-    if cpu_crop_scale is not None:
-      c.augment.crop_scale = cpu_crop_scale
+    _cpu_recipe(c, arg, 16 if side <= 32 else CONVNET_LARGE_IMAGE_CROP, cpu_warmup_epochs,
+                cpu_crop_scale)
   else:
     side = IMAGE_SIDE.get(arg.dataset, 224)
     c.model.width = 64
@@ -83,6 +77,21 @@ def set_backbone(c: ml_collections.ConfigDict, arg, *, paper_epochs: float,
     c.eval_every_steps = 5000
     c.batch_size = arg.batch or resnet_batch
     c.optimizer.warmup_epochs = resnet_warmup_epochs
+
+
+def _cpu_recipe(c: ml_collections.ConfigDict, arg, crop: int, warmup_epochs: float,
+                crop_scale: tuple[float, float] | None) -> None:
+  """The run fields of the Fashion-MNIST CPU recipe: `crop`-pixel crops (unless the argument
+  gives one) evaluated at 1.25 x their side, 16 epochs of batch 256, `warmup_epochs` of
+  warm-up, `crop_scale` (None keeps the config's) and the kNN monitor every 500 steps."""
+  c.augment.crop_size = arg.crop or crop
+  c.eval.image_size = round(c.augment.crop_size * 1.25)
+  c.num_epochs = arg.epochs or 16.0
+  c.eval_every_steps = 500
+  c.batch_size = arg.batch or 256
+  c.optimizer.warmup_epochs = warmup_epochs
+  if crop_scale is not None:
+    c.augment.crop_scale = crop_scale
 
 
 def vit_patch_size(crop: int) -> int:
@@ -114,14 +123,7 @@ def _set_vit(c: ml_collections.ConfigDict, arg, *, paper_epochs: float, batch: i
   c.optimizer.name = 'adamw'
   c.optimizer.lr_scaling = 'linear'
   if cpu:
-    c.augment.crop_size = arg.crop or 16
-    c.eval.image_size = round(c.augment.crop_size * 1.25)
-    c.num_epochs = arg.epochs or 16.0
-    c.eval_every_steps = 500
-    c.batch_size = arg.batch or 256
-    c.optimizer.warmup_epochs = cpu_warmup_epochs
-    if cpu_crop_scale is not None:
-      c.augment.crop_scale = cpu_crop_scale
+    _cpu_recipe(c, arg, 16, cpu_warmup_epochs, cpu_crop_scale)
     if not keep_optimizer:
       c.optimizer.base_lr = 1e-3
       c.optimizer.weight_decay = 0.05
