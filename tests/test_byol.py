@@ -240,6 +240,8 @@ def test_config_is_valid_and_bad_values_name_the_fix():
 # Training
 
 
+@pytest.mark.slow  # `pytest -m slow`: the default suite resumes MoCo v2's and AdCo's target
+# networks and the generic tests/test_resume.py through the same whole-TrainState checkpoint
 def test_resumed_run_ends_with_identical_state(tmp_path):
   config = _light_augment(_config(batch_size=16))
   config.total_steps = 4
