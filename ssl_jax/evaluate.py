@@ -142,9 +142,8 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
       rows[name] = evaluate_features(None, None, evals, diagnostics_fn=diagnostics_fn)
       continue
     logging.info('Evaluating %s...', name)
-    image_size = None if (raw or bank.transform is not None) else (e.image_size or None)
-    extract = lambda s: eval_data.stream_features(encode_fn, s, e.batch_size, image_size,
-                                                  mesh, raw_pixels=raw)
+    extract = lambda s: eval_data.stream_features(encode_fn, s, e.batch_size,
+                                                  e.image_size or None, mesh, raw_pixels=raw)
     train, test = extract(bank), extract(queries)
     if embedded is None:
       embedded = test

@@ -77,7 +77,7 @@ from ssl_jax import config_lib
 from ssl_jax.data import host_crop
 
 __all__ = ['EvalTransform', 'StepIterator', 'make_eval_arrays', 'make_eval_iterator',
-           'make_train_iterator', 'read_batch', 'spread_indices']
+           'make_train_iterator', 'read_batch', 'spread_indices', 'valid_rows']
 
 
 def read_batch(source: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -95,6 +95,13 @@ def read_batch(source: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np
     raise TypeError(f'{source!r}: images must be uint8.')
   return {'image': np.stack(images),
           'label': np.array([int(r['label']) for r in records], np.int32)}
+
+
+def _host_position(layout, element: int) -> int:
+  """Position in the global stream of this host's `element`-th example (row-major over its
+  batches), for a `layout` with global_batch_size, host_batch_size and host_offset."""
+  step, row = divmod(element, layout.host_batch_size)
+  return step * layout.global_batch_size + layout.host_offset + row
 
 
 class _StreamOrder:
@@ -150,9 +157,7 @@ class _StreamOrder:
     return np.arange(start, stop, dtype=np.int64)
 
   def position(self, element: int) -> int:
-    """Stream position of this host's `element`-th example (row-major over its batches)."""
-    step, row = divmod(element, self.host_batch_size)
-    return step * self.global_batch_size + self.host_offset + row
+    return _host_position(self, element)
 
   def records(self, positions: np.ndarray) -> np.ndarray:
     """Record indices at stream `positions`."""
@@ -441,8 +446,7 @@ class _EvalGeometry(NamedTuple):
   host_offset: int
 
   def position(self, element: int) -> int:
-    step, row = divmod(element, self.host_batch_size)
-    return step * self.global_batch_size + self.host_offset + row
+    return _host_position(self, element)
 
 
 class _ReadEvalBatch:
@@ -565,9 +569,14 @@ def make_eval_arrays(source: Any, max_examples: int | None = None,
     first = next(make_eval_iterator(source, global_batch_size=1, records=[0],
                                     transform=transform, process_index=0, process_count=1))
     return first['image'][:0], first['label'][:0]
-  chunks = [b for b in make_eval_iterator(source, global_batch_size=min(chunk_size, n),
-                                          records=np.arange(n), transform=transform,
-                                          process_index=0, process_count=1)]
+  return valid_rows(make_eval_iterator(source, global_batch_size=min(chunk_size, n),
+                                       records=np.arange(n), transform=transform,
+                                       process_index=0, process_count=1))
+
+
+def valid_rows(batches) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of the valid rows of evaluation batches, concatenated."""
+  chunks = list(batches)
   valid = np.concatenate([c['valid'] for c in chunks])
   return (np.concatenate([c['image'] for c in chunks])[valid],
           np.concatenate([c['label'] for c in chunks])[valid])

@@ -62,10 +62,7 @@ class EvalSet:
 
   def arrays(self, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, labels) of the valid records in memory: for small sets (diagnostics)."""
-    chunks = list(self.batches(batch_size, this_host_only=True))
-    valid = np.concatenate([c['valid'] for c in chunks])
-    return (np.concatenate([c['image'] for c in chunks])[valid],
-            np.concatenate([c['label'] for c in chunks])[valid])
+    return pipeline.valid_rows(self.batches(batch_size, this_host_only=True))
 
   @property
   def image_dims(self) -> int:

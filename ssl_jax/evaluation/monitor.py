@@ -36,10 +36,12 @@ class KnnEvaluator:
     if not evaluation_plan.labelled:
       return None
     e = config.eval
-    image_size = None if evaluation_plan.bank.transform is not None else (e.image_size or None)
+    # Encoded images arrive centre-cropped to eval.image_size already (eval_data's
+    # transform), so the resize in features.preprocess leaves them as they are.
     return cls(evaluation_plan.bank.limited(bank_size),
                evaluation_plan.queries.limited(test_size), k=e.knn_k,
-               temperature=e.knn_temperature, batch_size=e.batch_size, image_size=image_size,
+               temperature=e.knn_temperature, batch_size=e.batch_size,
+               image_size=e.image_size or None,
                mesh=mesh,
                num_classes=len(evaluation_plan.class_names) if evaluation_plan.class_names
                else None)
@@ -93,10 +95,9 @@ class DiagnosticsMonitor:
     diagnostics_set = evaluation_plan.diagnostics
     images, labels = diagnostics_set.arrays()
     e = config.eval
-    image_size = None if diagnostics_set.transform is not None else (e.image_size or None)
     return cls(images, labels, augment.view_configs(config.augment, 2)[:2],
                e.collapse_min_rank_fraction, e.collapse_min_std_fraction, e.batch_size,
-               image_size, config.seed)
+               e.image_size or None, config.seed)
 
   def _views(self):
     if not hasattr(self, '_cached_views'):
