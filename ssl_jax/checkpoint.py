@@ -4,7 +4,9 @@ Saves are asynchronous (training goes on while the state is written) and atomic:
 into a temporary directory and renames it once complete, so an interrupted save leaves the
 previous checkpoints as they were and the unfinished one is never picked up for a restore.
 Saving the iterator with the state makes a resumed run see exactly the batches that the
-uninterrupted run would have seen.
+uninterrupted run would have seen. Restores lay every array out as the given state is laid out,
+whatever the mesh it was saved from: a state saved with `mesh.fsdp=2` on 8 devices restores
+replicated, or onto 4 devices.
 """
 
 from __future__ import annotations

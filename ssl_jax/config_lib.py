@@ -67,6 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.0
   c.model.layer_scale_init = 0.0      # LayerScale's initial gain; 0 = no LayerScale
   c.model.vit_frozen_patch_embed = False  # MoCo v3's random, frozen patch projection
+  # Rematerialisation: each residual block's activations are recomputed in the backward pass
+  # instead of stored (jax.checkpoint), trading compute for memory. remat_policy names what is
+  # still saved ('' = the default chosen by measurement, see models/remat.py).
+  c.model.remat = False
+  c.model.remat_policy = ''
+
+  # The device mesh: ('data', 'fsdp'). The batch is split over all devices; parameters,
+  # optimizer state and target networks are split over the fsdp axis (1 = replicated, plain
+  # data parallelism). fsdp must divide the number of devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
 
   c.data = ml_collections.ConfigDict()
   # 'fashion_mnist', 'tfds:<name>' (e.g. 'tfds:cifar10', 'tfds:imagenet2012') or
@@ -264,6 +275,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         f'batch_size={b} is not divisible by the {num_processes} processes (hosts).')
   check(config.num_epochs > 0 or config.total_steps > 0,
         'Set num_epochs > 0 or total_steps > 0.')
+  fsdp = config.get('mesh', {}).get('fsdp', 1)
+  check(fsdp >= 1 and num_devices % fsdp == 0,
+        f'mesh.fsdp={fsdp} must be a positive divisor of the {num_devices} devices (the '
+        'parameters are split over fsdp of them, the batch over all).')
   check(config.log_every_steps > 0, 'log_every_steps must be positive.')
   check(config.checkpoint_every_steps > 0, 'checkpoint_every_steps must be positive.')
   check(config.keep_checkpoints >= 1, 'keep_checkpoints must be at least 1.')

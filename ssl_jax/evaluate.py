@@ -91,7 +91,7 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
   workdir/evaluation/step_<step>.json (and the embedding plot beside it)."""
   import numpy as np
 
-  from ssl_jax import parallel, pretrained
+  from ssl_jax import pretrained
   from ssl_jax.evaluation import batch_norm, eval_data
   from ssl_jax.evaluation.monitor import DiagnosticsMonitor
   from ssl_jax.methods import frozen_encoder
@@ -110,7 +110,7 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
         f'{evaluation_plan.off_reason} Or run only --evals=diagnostics.')
   monitor = DiagnosticsMonitor.from_config(config, evaluation_plan)
   # Batches sharded over every device when the batch size allows it.
-  mesh = parallel.make_mesh()
+  mesh = model.setup.mesh  # the one the state is laid out on
   if e.batch_size % mesh.devices.size:
     mesh = None
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import config_lib, optim, parallel
+from ssl_jax import config_lib, optim, parallel, sharding
 from ssl_jax.data import sources
 from ssl_jax.evaluation.online_probe import OnlineProbe
 from ssl_jax.methods import RunLength, build_method
@@ -42,7 +42,8 @@ class Experiment:
   tx: Any
   method: Any
   probe: Any            # OnlineProbe, or None
-  init_fn: Callable     # PRNG key -> TrainState, replicated over the mesh
+  init_fn: Callable     # PRNG key -> TrainState, laid out over the mesh by state_specs
+  state_specs: Any      # the TrainState's PartitionSpecs (`ssl_jax.sharding`)
 
   def init_state(self, seed: int | None = None):
     """The initial TrainState from `seed` (default: the config's)."""
@@ -51,7 +52,16 @@ class Experiment:
   def make_train_step(self):
     """The jitted step `(state, images, labels=None) -> (state, metrics)`."""
     return make_train_step(self.method, self.tx, self.mesh, self.config.augment,
-                           self.schedule, self.probe)
+                           self.schedule, self.probe, self.state_specs)
+
+  def state_sharding(self):
+    """The TrainState's NamedShardings on the mesh."""
+    return sharding.named(self.state_specs, self.mesh)
+
+
+def mesh_for(config):
+  """The mesh of all devices with `config.mesh.fsdp` (configs saved before it: 1)."""
+  return parallel.make_mesh(fsdp=config.get('mesh', {}).get('fsdp', 1))
 
 
 def build(config, *, num_train_examples: int, image_channels: int, mesh=None) -> Experiment:
@@ -60,7 +70,7 @@ def build(config, *, num_train_examples: int, image_channels: int, mesh=None) ->
   `num_train_examples` sets the epoch length (schedules in epochs are converted to steps);
   `image_channels` the shape of the sample batch that initialises the networks.
   """
-  mesh = mesh or parallel.make_mesh()
+  mesh = mesh or mesh_for(config)
   config_lib.validate(config, mesh.devices.size, jax.process_count())
   total_steps, warmup_steps = schedule_steps(config, num_train_examples)
   schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, total_steps,
@@ -75,7 +85,8 @@ def build(config, *, num_train_examples: int, image_channels: int, mesh=None) ->
     probe = OnlineProbe(num_classes, config.eval.online_probe_lr)
   size = config.augment.crop_size
   sample = jnp.zeros((2, size, size, image_channels), jnp.float32)
-  init_fn = jax.jit(lambda rng: create_train_state(method, tx, rng, sample, probe),
-                    out_shardings=parallel.replicated(mesh))
+  create = lambda rng: create_train_state(method, tx, rng, sample, probe)  # noqa: E731
+  state_specs = sharding.tree_specs(jax.eval_shape(create, jax.random.PRNGKey(0)), mesh)
+  init_fn = jax.jit(create, out_shardings=sharding.named(state_specs, mesh))
   return Experiment(config, mesh, total_steps, warmup_steps, schedule, tx, method, probe,
-                    init_fn)
+                    init_fn, state_specs)

@@ -1,9 +1,12 @@
-"""The one place for meshes, shardings and collectives.
+"""The one place for meshes and collectives (`sharding` says which state leaves are split).
 
-Everything that crosses devices runs inside `jax.shard_map` over the mesh axis `DATA_AXIS`:
-each device holds its local rows of the batch, and losses that need the whole batch gather
-columns from the other devices. Every helper takes `axis_name=None` to mean "one device, no
-collective", so the same loss code serves single-device references and sharded training.
+The mesh has two axes, ('data', 'fsdp'). The batch is split over both (`BATCH_AXES`), so
+every device holds its own rows; parameters, optimizer state and target networks are split
+over 'fsdp' only (size 1, the default, keeps them replicated: plain data parallelism).
+Everything that crosses devices runs inside `jax.shard_map`: losses that need the whole batch
+gather columns from the other devices over the batch axes. Every helper takes
+`axis_name=None` to mean "one device, no collective", so the same loss code serves
+single-device references and sharded training; `axis_name` may be one mesh axis or a tuple.
 """
 
 from __future__ import annotations
@@ -11,19 +14,38 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D data-parallel mesh over the first `num_devices` devices (all by default)."""
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
+  """A (devices / fsdp) x fsdp mesh ('data', 'fsdp') over the first `num_devices` devices
+  (all by default). Devices are laid out by `mesh_utils`, which on TPU keeps each fsdp group
+  on neighbouring chips: its gathers are the step's most frequent collectives."""
   devices = jax.devices()
   if num_devices is not None:
     if num_devices > len(devices):
       raise ValueError(f'Asked for {num_devices} devices but only {len(devices)} are visible.')
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f'mesh.fsdp={fsdp} must be a positive divisor of the {len(devices)} '
+                     'devices.')
+  shape = (len(devices) // fsdp, fsdp)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (AssertionError, NotImplementedError, ValueError):
+    # Subsets of a TPU slice that its topology cannot tile: plain device order.
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, BATCH_AXES)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The axes that split the batch: all of the mesh's."""
+  return tuple(mesh.axis_names)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -31,8 +53,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) dimension split over every device of the mesh."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def global_batch_from_host(local_batch, mesh: Mesh):

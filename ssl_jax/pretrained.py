@@ -13,6 +13,7 @@ the structure it was saved from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -47,6 +48,10 @@ def load(workdir: str, step: int | None = None) -> Pretrained:
   from ssl_jax import train  # imported here: train pulls in the data pipeline and writers
 
   config = config_lib.load_json(os.path.join(workdir, train.CONFIG_FILE))
+  if 'mesh' in config:
+    # Checkpoints restore onto any mesh: split the state over as many of this machine's
+    # devices as the training run did, or fewer where they are fewer.
+    config.mesh.fsdp = math.gcd(config.mesh.fsdp, jax.device_count())
   setup, _ = train.build(config)
   template = jax.eval_shape(setup.init_fn, jax.random.PRNGKey(config.seed))
   template = jax.tree.map(

@@ -1,19 +1,24 @@
 """The compiled train step: views, loss under shard_map, gradients, optimizer update.
 
-The state is replicated and the batch sharded over the mesh's data axis. Augmentation and the
-method's loss run inside `shard_map`, each device on its own rows; an example's augmentation
-key depends only on the step key and its index in the *global* batch, so the views, and hence
-the whole step, are the same whatever the number of devices (up to float rounding).
+The batch is sharded over every device of the mesh; the state is replicated, or with
+`mesh.fsdp` > 1 its large leaves are split over the fsdp axis (`ssl_jax.sharding`) and
+gathered inside the step. Augmentation and the method's loss run inside `shard_map`, each
+device on its own rows; an example's augmentation key depends only on the step key and its
+index in the *global* batch, so the views, and hence the whole step, are the same whatever the
+number of devices and the mesh's shape (up to float rounding). The optimizer update runs
+outside `shard_map`, on each device's slice of the parameters and optimizer state.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import parallel
+from ssl_jax import parallel, sharding
 from ssl_jax.data import augment
 
 
@@ -23,43 +28,60 @@ def _batch_rows(images) -> int:
 
 
 def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
-                    schedule: optax.Schedule | None = None, probe=None):
+                    schedule: optax.Schedule | None = None, probe=None, state_specs=None):
   """Returns `train_step(state, images, labels=None) -> (state, metrics)`, jitted, donating
   the state. `images` is the uint8 batch as stored (views are cropped on the devices) or a
   tuple of uint8 views cropped on the host, one per view (`data.host_crop`). With an
-  `OnlineProbe`, the labels train it on the encoder's frozen features."""
-  axis = parallel.DATA_AXIS
+  `OnlineProbe`, the labels train it on the encoder's frozen features. `state_specs`: the
+  TrainState's PartitionSpecs (`sharding.tree_specs`; None: all replicated)."""
+  axis = parallel.batch_axes(mesh)
   view_cfgs = augment.view_configs(augment_cfg, method.num_views)
 
-  def device_loss(params, probe_params, batch_stats, target_params, method_state, images,
-                  labels, aug_rng, loss_rng, step):
+  def device_loss(specs, params, probe_params, batch_stats, target_params, method_state,
+                  images, labels, aug_rng, loss_rng, step):
+    params, probe_params, batch_stats, target_params, method_state = sharding.gather(
+        (params, probe_params, batch_stats, target_params, method_state), specs)
     first_row = parallel.global_row_offset(_batch_rows(images), axis)
     views = augment.augment_views(aug_rng, images, view_cfgs, first_row)
     loss, (metrics, new_stats, new_state) = method.loss(
         params, batch_stats, target_params, method_state, views, loss_rng, step, axis)
     metrics = dict(metrics, loss=loss)
-    if probe is None:
-      return loss, (metrics, new_stats, new_state)
-    # Inference-mode features of the first view: what the frozen encoder will give.
-    features = method.encode(params, batch_stats, views[0])
-    probe_loss, probe_acc = probe.loss(probe_params, features, labels, axis)
-    metrics.update(online_probe_loss=jax.lax.stop_gradient(probe_loss),
-                   online_probe_acc=probe_acc)
-    # One backward pass for both: the probe's features are stop-gradient'ed, so the sum's
-    # gradient is the method's for the encoder and the probe's for the classifier.
-    return loss + probe_loss, (metrics, new_stats, new_state)
+    if probe is not None:
+      # Inference-mode features of the first view: what the frozen encoder will give.
+      features = method.encode(params, batch_stats, views[0])
+      probe_loss, probe_acc = probe.loss(probe_params, features, labels, axis)
+      metrics.update(online_probe_loss=jax.lax.stop_gradient(probe_loss),
+                     online_probe_acc=probe_acc)
+      # One backward pass for both: the probe's features are stop-gradient'ed, so the sum's
+      # gradient is the method's for the encoder and the probe's for the classifier.
+      loss = loss + probe_loss
+    _, _, stats_specs, _, state_specs_ = specs
+    metrics, loss = sharding.keep_own_slice((metrics, loss), sharding.replicated_specs(
+        (metrics, loss)))
+    new_stats = sharding.keep_own_slice(new_stats, stats_specs)
+    new_state = sharding.keep_own_slice(new_state, state_specs_)
+    return loss, (metrics, new_stats, new_state)
 
-  sharded_loss = jax.shard_map(
-      device_loss, mesh=mesh,
-      in_specs=(P(), P(), P(), P(), P(), P(axis), P(axis), P(), P(), P()),
-      out_specs=(P(), (P(), P(), P())))
+  def sharded_loss(state, *args):
+    if state_specs is None:
+      specs = sharding.replicated_specs(
+          (state.params, state.probe_params, state.batch_stats, state.target_params,
+           state.method_state))
+    else:
+      specs = (state_specs.params, state_specs.probe_params, state_specs.batch_stats,
+               state_specs.target_params, state_specs.method_state)
+    _, _, stats_specs, _, method_specs = specs
+    return jax.shard_map(
+        functools.partial(device_loss, specs), mesh=mesh,
+        in_specs=(*specs, P(axis), P(axis), P(), P(), P()),
+        out_specs=(P(), (P(), stats_specs, method_specs)))(*args)
 
   def train_step(state, images, labels):
     step_rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, loss_rng = jax.random.split(step_rng)
 
     def loss_fn(params, probe_params):
-      return sharded_loss(params, probe_params, state.batch_stats, state.target_params,
+      return sharded_loss(state, params, probe_params, state.batch_stats, state.target_params,
                           state.method_state, images, labels, aug_rng, loss_rng, state.step)
 
     (_, (metrics, batch_stats, method_state)), (grads, probe_grads) = jax.value_and_grad(
@@ -88,8 +110,10 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
     return new_state, metrics
 
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  compiled = jax.jit(train_step, donate_argnums=0, in_shardings=(replicated, sharded, sharded),
-                     out_shardings=(replicated, replicated))
+  state_sharding = replicated if state_specs is None else sharding.named(state_specs, mesh)
+  compiled = jax.jit(train_step, donate_argnums=0,
+                     in_shardings=(state_sharding, sharded, sharded),
+                     out_shardings=(state_sharding, replicated))
 
   def with_labels(images, labels):
     if labels is None:  # without a probe the labels are not read

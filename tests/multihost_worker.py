@@ -16,6 +16,7 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from clu import metric_writers  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 process_id, num_processes, port = (int(a) for a in sys.argv[1:4])
 workdir, out = sys.argv[4:6]
@@ -37,6 +38,12 @@ config.optimizer.lr_scaling = 'none'
 config.optimizer.base_lr = 0.2
 config.optimizer.warmup_epochs = 0.0
 config.log_every_steps = 1  # every step's loss reaches the writer
+# FSDP=n splits the state over n devices (spanning processes when n exceeds a process's
+# devices); the tiny model's leaves are split only below the real size threshold.
+config.mesh.fsdp = int(os.environ.get('FSDP', '1'))
+if config.mesh.fsdp > 1:
+  from ssl_jax import sharding  # noqa: E402
+  sharding.MIN_SHARDED_SIZE = 64
 losses = {}
 signal_at = int(os.environ.get('SIGTERM_AT_STEP', '0'))
 _create_writer = metric_writers.create_default_writer
@@ -59,7 +66,9 @@ def _recording_writer(*args, **kwargs):
 
 metric_writers.create_default_writer = _recording_writer
 state, results = train.train_and_evaluate(config, workdir)
-leaves = jax.tree.leaves(jax.device_get(state.params))
+# The whole state on every host, also where its leaves are split over other hosts' devices.
+host_state = multihost_utils.process_allgather(state, tiled=True)
+leaves = jax.tree.leaves(host_state.params)
 
 # Evaluation features streamed over the mesh, each host reading its rows of every batch
 # (the last one padded), against this process reading every row itself.
@@ -71,8 +80,8 @@ encode_fn = frozen_encoder(setup.method, state)
 queries = eval_data.plan(config).queries.limited(100)
 sharded, sharded_labels = eval_data.stream_features(encode_fn, queries, 16,
                                                     config.eval.image_size, setup.mesh)
-local, local_labels = eval_data.stream_features(encode_fn, queries, 16,
-                                                config.eval.image_size)
+local, local_labels = eval_data.stream_features(frozen_encoder(setup.method, host_state),
+                                                queries, 16, config.eval.image_size)
 streamed = {'rows': len(sharded), 'labels_equal': bool((sharded_labels == local_labels).all()),
             'max_difference': float(np.max(np.abs(sharded - local))),
             'max_feature': float(np.max(np.abs(local)))}

@@ -9,15 +9,17 @@ import sys
 
 import numpy as np
 import portpicker
+import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 
 
-def _launch(num_processes, workdir, out, sigterm_at_step=0):
+def _launch(num_processes, workdir, out, sigterm_at_step=0, fsdp=1):
   """Runs the worker on `num_processes` processes; returns each one's RESULT dict."""
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, PYTHONPATH=ROOT, SIGTERM_AT_STEP=str(sigterm_at_step))
+  env = dict(os.environ, PYTHONPATH=ROOT, SIGTERM_AT_STEP=str(sigterm_at_step),
+             FSDP=str(fsdp))
   env.pop('XLA_FLAGS', None)
   procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(num_processes), str(port),
                              workdir, out], env=env, stdout=subprocess.PIPE,
@@ -38,22 +40,25 @@ def _params(path):
 RTOL, ATOL = 1e-4, 1e-6
 
 
-def test_two_processes_equal_one_and_resume(tmp_path):
-  # 1 process x 2 devices: the reference. 2 processes x 2 devices: the same global batch of 16
-  # split over 4 devices, each host reading its own half. SGD without warm-up (the worker):
-  # the parameters move far from where they started at every step.
+# fsdp=4: the state split over all 4 devices, so each leaf spans both processes (their
+# gathers, reduce-scatters and checkpoint writes cross hosts); fsdp=1: replicated state.
+@pytest.mark.parametrize('fsdp', [4, pytest.param(1, marks=pytest.mark.slow)])
+def test_two_processes_equal_one_and_resume(tmp_path, fsdp):
+  # 1 process x 2 devices, replicated state: the reference. 2 processes x 2 devices: the same
+  # global batch of 16 split over 4 devices, each host reading its own half. SGD without
+  # warm-up (the worker): the parameters move far from where they started at every step.
   single = str(tmp_path / 'single.npz')
   [reference] = _launch(1, str(tmp_path / 'w1'), single)
   assert reference['step'] == 4 and reference['restored_step'] is None
   # A SIGTERM to the second process only, after step 2: both processes agree to stop there
   # and checkpoint step 2.
   interrupted = str(tmp_path / 'interrupted.npz')
-  first = _launch(2, str(tmp_path / 'w2'), interrupted, sigterm_at_step=2)
+  first = _launch(2, str(tmp_path / 'w2'), interrupted, sigterm_at_step=2, fsdp=fsdp)
   assert [r['stopped_by'] for r in first] == ['a signal to another process', 'SIGTERM']
   for r in first:
     assert (r['devices'], r['processes'], r['step'], r['steps_run']) == (4, 2, 2, 2)
   multi = str(tmp_path / 'multi.npz')
-  second = _launch(2, str(tmp_path / 'w2'), multi)   # resumes from step 2 on both hosts
+  second = _launch(2, str(tmp_path / 'w2'), multi, fsdp=fsdp)   # resumes from step 2 on both hosts
   for r in second:  # restored the checkpoint of step 2 and trained only steps 3 and 4
     assert (r['step'], r['restored_step'], r['steps_run'], r['stopped_by']) == (4, 2, 2, None)
     # Evaluation features streamed over both hosts' devices (each reading its rows of every

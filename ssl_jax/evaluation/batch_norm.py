@@ -159,11 +159,13 @@ def refreshed_frozen_encoder(config, method, state, images_uint8: np.ndarray | N
   """`frozen_encoder(method, state)` with the encoder's BatchNorm statistics refreshed (see
   the module docstring) on `images_uint8`, by default the first training images read batch
   by batch. With `eval.bn_refresh_batches = 0`, the statistics are left as they are."""
-  params, batch_stats = evaluated_variables(method, state)
+  # This process refreshes the statistics on its own device from the images it reads.
+  params, batch_stats = features.local_copy(evaluated_variables(method, state))
   if refresh_batches(config) > 0:
     if images_uint8 is None:
       from ssl_jax.evaluation import eval_data  # pylint: disable=g-import-not-at-top
       images_uint8 = eval_data.population_batches(
           _refresh_set(config), config.eval.batch_size, refresh_batches(config))
     batch_stats = refreshed_encoder_batch_stats(config, params, batch_stats, images_uint8)
-  return lambda images: method.encode(params, batch_stats, images)
+  return features.FrozenEncoder(lambda v, images: method.encode(*v, images),
+                                (params, batch_stats))

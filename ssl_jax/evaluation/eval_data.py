@@ -201,20 +201,23 @@ def stream_features(encode_fn: Callable, eval_set: EvalSet, batch_size: int,
   distributed = mesh is not None and not raw_pixels
   if raw_pixels:
     encode = lambda x: features.raw_pixel_features(np.asarray(x))
-  elif not distributed:
-    encode = jax.jit(lambda x: encode_fn(features.preprocess(x, image_size)))
   else:
+    apply, variables = features.encoder_parts(encode_fn, mesh if distributed else None)
+  if not raw_pixels and not distributed:
+    local_encode = jax.jit(lambda v, x: apply(v, features.preprocess(x, image_size)))
+    encode = lambda x: local_encode(variables, x)
+  elif distributed:
     # Labels and the padding mask come back replicated with the features: each host read
     # only its rows of them.
-    encode = jax.jit(
-        lambda x, labels, valid: (encode_fn(features.preprocess(x, image_size)), labels,
-                                  valid),
-        in_shardings=parallel.batch_sharded(mesh), out_shardings=parallel.replicated(mesh))
+    sharded_encode = jax.jit(
+        lambda v, x, labels, valid: (apply(v, features.preprocess(x, image_size)), labels,
+                                     valid),
+        out_shardings=parallel.replicated(mesh))
   outputs, labels = [], []
   for batch in eval_set.batches(batch_size, this_host_only=not distributed):
     if distributed:
-      out, batch_labels, valid = (np.asarray(x) for x in encode(
-          *parallel.global_batch_from_host(
+      out, batch_labels, valid = (np.asarray(x) for x in sharded_encode(
+          variables, *parallel.global_batch_from_host(
               (batch['image'], batch['label'], batch['valid']), mesh)))
     else:
       out = np.asarray(encode(batch['image']))

@@ -2,28 +2,90 @@
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+from typing import Any, Callable
+
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: it holds arrays
+class FrozenEncoder:
+  """An encoder for evaluation: `apply(variables, float images in [0, 1]) -> features [B, D]`
+  (pure) and the variables it runs with; calling it applies it to them.
+
+  Evaluation jits `apply` with the variables as an argument, never closed over: jax cannot
+  compile a closure over arrays that span other processes' devices, which every multi-host
+  train state does (and, with `mesh.fsdp`, holds only in slices).
+  """
+  apply: Callable
+  variables: Any
+
+  def __call__(self, images):
+    return self.apply(self.variables, images)
+
+
+def local_copy(tree):
+  """`tree` with every array whole on this process's first device: for computations that
+  one process runs alone. Leaves split over devices are replicated first, a collective that
+  every process must call."""
+  arrays = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  split = [x for x in arrays if not x.is_fully_replicated]
+  if split:
+    whole = jax.jit(lambda xs: xs, out_shardings=[
+        NamedSharding(x.sharding.mesh, P()) for x in split])(split)
+    replaced = {id(x): w for x, w in zip(split, whole)}
+    tree = jax.tree.map(lambda x: replaced.get(id(x), x), tree)
+  return jax.tree.map(
+      lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+def on_mesh(tree, mesh):
+  """`tree` with every array on `mesh`'s devices: arrays there already stay as they are
+  (split or not); others (a `local_copy`) are replicated over it from this process's value,
+  which must be the same on every process."""
+  devices = set(mesh.devices.flat)
+
+  def put(x):
+    if not isinstance(x, jax.Array) or x.sharding.device_set == devices:
+      return x
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P()),
+                                        lambda index: value[index])
+  return jax.tree.map(put, tree)
+
+
+def encoder_parts(encode_fn, mesh=None) -> tuple[Callable, Any]:
+  """(apply, variables) of a FrozenEncoder or a plain function of images (variables None),
+  with `apply(variables, images)` to jit: with a `mesh`, the variables on its devices
+  (`on_mesh`), without, on this process's first device (`local_copy`)."""
+  if isinstance(encode_fn, FrozenEncoder):
+    variables = encode_fn.variables
+    return encode_fn.apply, (local_copy(variables) if mesh is None else
+                             on_mesh(variables, mesh))
+  return (lambda _, images: encode_fn(images)), None
 
 
 def extract_features(encode_fn, images_uint8: np.ndarray, batch_size: int = 1024,
                      image_size: int | None = None) -> np.ndarray:
-  """Applies `encode_fn(float_images) -> [B, D]` over uint8 images [N, H, W, C] in batches
-  (float images are taken to be in [0, 1] already, e.g. augmented views).
+  """Applies `encode_fn(float_images) -> [B, D]` (a FrozenEncoder or a function) over uint8
+  images [N, H, W, C] in batches, on this process's first device (float images are taken to
+  be in [0, 1] already, e.g. augmented views).
 
   `image_size` resizes the images first (bilinear, antialiased), for encoders trained on
   crops of another resolution. The last batch is padded so that one compiled shape serves
   every batch.
   """
-
-  encode = jax.jit(lambda x: encode_fn(preprocess(x, image_size)))
+  apply, variables = encoder_parts(encode_fn)
+  encode = jax.jit(lambda v, x: apply(v, preprocess(x, image_size)))
   outputs = []
   for start in range(0, len(images_uint8), batch_size):
     batch = images_uint8[start:start + batch_size]
     pad = batch_size - len(batch)
     if pad:
       batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-    outputs.append(np.asarray(encode(batch))[:batch_size - pad])
+    outputs.append(np.asarray(encode(variables, batch))[:batch_size - pad])
   return np.concatenate(outputs)
 
 

@@ -4,7 +4,7 @@ Each test example votes with its k most cosine-similar training examples, each w
 exp(similarity / T). Test rows are processed in chunks so that memory grows with
 chunk x bank size, never with the square of the dataset.
 
-With a `mesh`, the memory bank is split over its devices (`parallel.DATA_AXIS`): for each
+With a `mesh`, the memory bank is split over all its devices (`parallel.batch_axes`): for each
 chunk of queries every device finds the top-k of its own bank shard, the k candidates of all
 devices are gathered and merged into the global top-k, and the vote is taken from those.
 Per-device memory is then chunk x bank / devices, and the result equals the one-device
@@ -59,11 +59,12 @@ def _knn_chunk(queries, bank, bank_labels, bank_valid, k, temperature, num_class
 @functools.partial(jax.jit, static_argnames=('k', 'num_classes', 'mesh'))
 def _knn_chunk_sharded(queries, bank, bank_labels, bank_valid, k, temperature, num_classes,
                        mesh):
-  shard = P(parallel.DATA_AXIS)
+  axes = parallel.batch_axes(mesh)
+  shard = P(axes)
 
   def vote(*args):
     pred = _top_k_then_vote(*args, k=k, temperature=temperature, num_classes=num_classes,
-                            axis_name=parallel.DATA_AXIS)
+                            axis_name=axes)
     # Every device holds the same predictions, but shard_map cannot prove that an
     # all_gather's output is replicated, so each returns its copy as one row.
     return pred[None]
@@ -75,7 +76,7 @@ def _knn_chunk_sharded(queries, bank, bank_labels, bank_valid, k, temperature, n
 
 def _shard_rows(x: np.ndarray, mesh: Mesh):
   """`x` (the same on every host) split by rows over the mesh."""
-  sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  sharding = NamedSharding(mesh, P(parallel.batch_axes(mesh)))
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 

@@ -42,9 +42,11 @@ def evaluated_variables(method, state):
 
 
 def frozen_encoder(method, state):
-  """The encoder that evaluation scores, as a function of float images."""
-  params, batch_stats = evaluated_variables(method, state)
-  return lambda images: method.encode(params, batch_stats, images)
+  """The encoder that evaluation scores (`features.FrozenEncoder`: callable on float
+  images)."""
+  from ssl_jax.evaluation.features import FrozenEncoder  # evaluation imports the methods
+  return FrozenEncoder(lambda v, images: method.encode(*v, images),
+                       evaluated_variables(method, state))
 
 
 def build_method(config, run_length: RunLength | None = None):
