@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, precision
 
 
 def _entropy(p: jnp.ndarray) -> jnp.ndarray:
@@ -43,11 +43,11 @@ def self_distillation(student: list[jnp.ndarray], teacher: list[jnp.ndarray],
   """
   num_crops = len(student)
   n = student[0].shape[0]
+  student, teacher, center = precision.to_float32((student, teacher, center))
   num_rows = parallel.psum(jnp.float32(n), axis_name)
-  targets = [jax.nn.softmax(jax.lax.stop_gradient(t.astype(jnp.float32) - center)
-                            / teacher_temperature, axis=-1) for t in teacher]
-  log_p = [jax.nn.log_softmax(s.astype(jnp.float32) / student_temperature, axis=-1)
-           for s in student]
+  targets = [jax.nn.softmax(jax.lax.stop_gradient(t - center) / teacher_temperature, axis=-1)
+             for t in teacher]
+  log_p = [jax.nn.log_softmax(s / student_temperature, axis=-1) for s in student]
   total = 0.0
   num_pairs = 0
   for i, p_t in enumerate(targets):
@@ -72,7 +72,8 @@ def update_center(center: jnp.ndarray, teacher: list[jnp.ndarray], momentum: flo
                   axis_name: str | None = None) -> jnp.ndarray:
   """c <- m c + (1 - m) mean of the teacher's outputs over the global crops of the global
   batch (eq. 4); psum'd, so the new centre is the same on every device."""
-  outputs = jax.lax.stop_gradient(jnp.concatenate(teacher, axis=0).astype(jnp.float32))
+  center, teacher = precision.to_float32((center, teacher))
+  outputs = jax.lax.stop_gradient(jnp.concatenate(teacher, axis=0))
   num_rows = parallel.psum(jnp.float32(outputs.shape[0]), axis_name)
   batch_center = parallel.psum(jnp.sum(outputs, axis=0), axis_name) / num_rows
   return momentum * center + (1.0 - momentum) * batch_center

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, precision
 
 # Large but finite: -inf would make softmax gradients NaN on fully masked rows, and
 # float32 exp(-1e9) is exactly 0.
@@ -26,6 +26,9 @@ _MASK_VALUE = -1e9
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """x / ||x|| along the last axis, in float32 (or float64) whatever x's dtype: the
+  normalisation of embeddings is a float32 island (`precision`)."""
+  x = precision.to_float32(x)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
@@ -51,12 +54,13 @@ def pair_logits(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float,
                 axis_name: str | None = None) -> PairLogits:
   """Similarities of this device's queries (both views) with every embedding of the batch."""
   n = z1.shape[0]
+  z1, z2 = precision.to_float32((z1, z2))
   q = l2_normalize(jnp.concatenate([z1, z2], axis=0))                 # [2n, d] local queries
   k1 = parallel.gather_rows(l2_normalize(z1), axis_name)                # [N, d]
   k2 = parallel.gather_rows(l2_normalize(z2), axis_name)
   big_n = k1.shape[0]
   keys = jnp.concatenate([k1, k2], axis=0)                               # [2N, d] all columns
-  cos = q @ keys.T                                                       # [2n, 2N]
+  cos = precision.matmul(q, keys.T)                                      # [2n, 2N]
 
   # Query r < n is view 1 of global image (offset + r): its own column is offset + r and its
   # positive is N + offset + r; for view-2 queries the two swap.
@@ -128,10 +132,11 @@ def info_nce_with_negatives(q: jnp.ndarray, k: jnp.ndarray, negatives: jnp.ndarr
     top-1 accuracy over all N + K candidates.
   """
   n = q.shape[0]
+  q, k, negatives = precision.to_float32((q, k, negatives))
   keys = parallel.gather_rows(k, axis_name)                              # [N, d]
   big_n = keys.shape[0]
-  batch_cos = q @ keys.T                                                 # [n, N]
-  bank_cos = q @ l2_normalize(negatives).T                               # [n, K]
+  batch_cos = precision.matmul(q, keys.T)                                # [n, N]
+  bank_cos = precision.matmul(q, l2_normalize(negatives).T)              # [n, K]
   logits = jnp.concatenate([batch_cos, bank_cos], axis=1) / temperature
   pos_col = parallel.global_row_offset(n, axis_name) + jnp.arange(n)
   pos_logit = jnp.take_along_axis(logits, pos_col[:, None], axis=1)[:, 0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, precision
 from ssl_jax.losses.info_nce import l2_normalize
 
 
@@ -42,10 +42,11 @@ def queue_info_nce(queries: jnp.ndarray, keys: jnp.ndarray, queue: jnp.ndarray,
     The loss (identical on every device) and metrics: mean cosine of the positive pairs and
     of query-queue pairs, and how often the positive is the most similar candidate.
   """
+  queue = precision.to_float32(queue)
   q = l2_normalize(queries)
   k = l2_normalize(keys)
   pos = jnp.sum(q * k, axis=1, keepdims=True)                   # [n, 1]
-  neg = q @ queue.T                                              # [n, K]
+  neg = precision.matmul(q, queue.T)                             # [n, K]
   # The positive is column 0: MoCo's reference code puts it first and uses label 0.
   logits = jnp.concatenate([pos, neg], axis=1) / temperature
   per_query = jax.nn.logsumexp(logits, axis=1) - logits[:, 0]
@@ -79,7 +80,7 @@ def batch_info_nce(queries: jnp.ndarray, keys: jnp.ndarray, temperature: float,
   q = l2_normalize(queries)
   all_keys = parallel.gather_rows(l2_normalize(keys), axis_name)   # [N, d]
   big_n = all_keys.shape[0]
-  cos = q @ all_keys.T                                             # [n, N]
+  cos = precision.matmul(q, all_keys.T)                            # [n, N]
   pos_col = parallel.global_row_offset(n, axis_name) + jnp.arange(n)
   is_pos = jnp.arange(big_n)[None, :] == pos_col[:, None]
   logits = cos / temperature

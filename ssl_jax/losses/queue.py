@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, precision
 from ssl_jax.losses.info_nce import l2_normalize
 
 
@@ -51,7 +51,8 @@ def nearest_neighbours(queries: jnp.ndarray, queue: jnp.ndarray
   The queue is replicated, so this is local to each device. The neighbours carry no gradient:
   an argmax selects them, and they are stored data.
   """
-  similarity = queries @ queue.T                                  # [n, K]
+  queries, queue = precision.to_float32((queries, queue))
+  similarity = precision.matmul(queries, queue.T)                 # [n, K]
   index = jnp.argmax(similarity, axis=1)
   neighbours = jax.lax.stop_gradient(queue[index])
   return neighbours, jax.lax.stop_gradient(jnp.max(similarity, axis=1))

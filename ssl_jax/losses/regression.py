@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, precision
 from ssl_jax.losses.info_nce import l2_normalize
 
 
@@ -22,6 +22,7 @@ def _global_mean(per_row: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
 
 
 def _cosine(p: jnp.ndarray, z: jnp.ndarray, stop_gradient: bool) -> jnp.ndarray:
+  p, z = precision.to_float32((p, z))
   if stop_gradient:
     z = jax.lax.stop_gradient(z)
   return jnp.sum(l2_normalize(p) * l2_normalize(z), axis=-1)

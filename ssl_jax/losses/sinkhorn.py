@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, precision
 
 
 def sinkhorn_knopp(scores: jnp.ndarray, epsilon: float = 0.05, num_iters: int = 3,
@@ -43,11 +43,11 @@ def sinkhorn_knopp(scores: jnp.ndarray, epsilon: float = 0.05, num_iters: int = 
   Returns:
     [n, K] codes, each row a distribution over prototypes; no gradient flows through them.
   """
-  scores = jax.lax.stop_gradient(scores.astype(jnp.float32))
+  scores = jax.lax.stop_gradient(precision.to_float32(scores))
   num_prototypes = scores.shape[1]
   blocks = [scores]
   if extra_scores is not None:
-    blocks.append(jax.lax.stop_gradient(extra_scores.astype(jnp.float32)))
+    blocks.append(jax.lax.stop_gradient(precision.to_float32(extra_scores)))
   # exp(s / eps) overflows float32 once s / eps > 88. Subtracting the global maximum
   # changes the matrix by one scalar factor, which the first normalisation removes exactly.
   local_max = jnp.max(jnp.stack([jnp.max(b) for b in blocks]))
@@ -110,8 +110,9 @@ def swapped_prediction(scores: list[jnp.ndarray], codes: list[jnp.ndarray], temp
   """
   num_crops = len(scores)
   n = scores[0].shape[0]
+  scores, codes = precision.to_float32((scores, codes))
   num_rows = parallel.psum(jnp.float32(n), axis_name)
-  log_p = [jax.nn.log_softmax(s.astype(jnp.float32) / temperature, axis=-1) for s in scores]
+  log_p = [jax.nn.log_softmax(s / temperature, axis=-1) for s in scores]
   total = 0.0
   correct = 0.0
   for i, q in enumerate(codes):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, precision
 from ssl_jax.losses.info_nce import l2_normalize
 
 # Squared distances of unit vectors lie in [0, 4]; these stand in for +-infinity in masked
@@ -56,7 +56,7 @@ def semihard_triplet(z1: jnp.ndarray, z2: jnp.ndarray, margin: float = 0.2,
   # clip removes the small negatives rounding leaves for (near-)identical vectors.
   sq = jnp.sum(candidates * candidates, axis=1)
   dist = jnp.maximum(jnp.sum(anchors * anchors, axis=1)[:, None] + sq[None, :]
-                     - 2.0 * anchors @ candidates.T, 0.0)                # [2n, 2N]
+                     - 2.0 * precision.matmul(anchors, candidates.T), 0.0)  # [2n, 2N]
 
   # Anchor row r < n is view 1 of global image (offset + r), row n + r its view 2; column c
   # is view 1 of image c for c < N, view 2 of image c - N otherwise.

@@ -30,11 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
-
-# As in losses/barlow_twins.py: default TPU matmul precision would round the covariance to
-# bf16, and the statistics are cheap next to the backbone.
-_PRECISION = jax.lax.Precision.HIGHEST
+from ssl_jax import parallel, precision
 
 
 def _global_row_count(local_rows: int, axis_name: str | None) -> int:
@@ -47,7 +43,8 @@ def covariance(z: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
   count = _global_row_count(z.shape[0], axis_name)
   mean = parallel.psum(jnp.sum(z, axis=0), axis_name) / count
   centred = z - mean
-  local = jnp.matmul(centred.T, centred, precision=_PRECISION)
+  # Full float32 precision: default TPU matmul precision would round the covariance to bf16.
+  local = precision.matmul(centred.T, centred)
   return parallel.psum(local, axis_name) / (count - 1)
 
 
@@ -85,6 +82,7 @@ def vicreg_loss(z1: jnp.ndarray, z2: jnp.ndarray, invariance_weight: float = 25.
     deviation of the embedding dimensions over both views.
   """
   n, dim = z1.shape
+  z1, z2 = precision.to_float32((z1, z2))
   count = _global_row_count(n, axis_name)
   invariance = parallel.psum(jnp.sum(jnp.square(z1 - z2)), axis_name) / (count * dim)
   v1, c1, std1 = variance_and_covariance_terms(z1, eps, axis_name)

@@ -14,12 +14,18 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax import precision
 from ssl_jax.losses.info_nce import l2_normalize
 
 
 class WeightNormDense(nn.Module):
   """y = x (V / ||V||_col) g (Salimans & Kingma 2016), no bias. The kernel V [d, K] stores
-  each output's direction; its length is irrelevant, so weight decay on V changes nothing."""
+  each output's direction; its length is irrelevant, so weight decay on V changes nothing.
+
+  The column norms are taken in float32; the product runs on `dtype` operands but
+  accumulates and returns float32: y are cosines that DINO divides by a teacher temperature
+  of 0.04, where bfloat16's rounding of the output (2^-9 of |y|) would be logit noise of up
+  to 0.05 (`precision`)."""
   features: int
   learn_scale: bool = False
   dtype: Any = jnp.float32
@@ -31,7 +37,8 @@ class WeightNormDense(nn.Module):
     kernel = self.param('kernel', nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
                         (x.shape[-1], self.features), jnp.float32)
     direction = kernel / jnp.linalg.norm(kernel, axis=0, keepdims=True)
-    y = x.astype(self.dtype) @ direction.astype(self.dtype)
+    y = jnp.matmul(x.astype(self.dtype), direction.astype(self.dtype),
+                   preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
     if self.learn_scale:
       y = y * self.param('scale', nn.initializers.ones, (self.features,), jnp.float32)
     return y
@@ -58,7 +65,7 @@ class DINOHead(nn.Module):
       # torch's nn.GELU is the exact (erf) form.
       x = nn.gelu(dense(self.hidden_dim)(x), approximate=False)
     x = dense(self.bottleneck_dim)(x)
-    x = l2_normalize(x.astype(jnp.float32))
+    x = l2_normalize(x)  # in float32
     x = WeightNormDense(self.output_dim, learn_scale=not self.norm_last_layer,
                         dtype=self.dtype, name='last_layer')(x)
-    return x.astype(jnp.float32)
+    return precision.to_float32(x)

@@ -7,13 +7,16 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax import precision
+
 
 class ProjectionMLP(nn.Module):
   """Linear -> BN -> ReLU, repeated, then a final linear layer (SimCLR, Chen et al. 2020).
 
   `num_layers` counts linear layers (2 in SimCLR v1, 3 in v2). `last_bn` adds a BatchNorm
   without affine parameters after the last layer, as SimCLR v2 and MoCo v3 do.
-  BatchNorm statistics are global across devices through `axis_name`.
+  BatchNorm statistics are global across devices through `axis_name`. Computes in `dtype`
+  and returns float32 (`precision`).
   """
   hidden_dim: int = 2048
   output_dim: int = 128
@@ -36,4 +39,4 @@ class ProjectionMLP(nn.Module):
     x = nn.Dense(self.output_dim, use_bias=not self.last_bn, dtype=self.dtype)(x)
     if self.last_bn:
       x = norm(use_scale=False, use_bias=False)(x)
-    return x.astype(jnp.float32)
+    return precision.to_float32(x)
