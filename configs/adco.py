@@ -48,10 +48,11 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 1e-4
 
   common.set_backbone(c, arg, paper_epochs=200.0, resnet_batch=256, resnet_warmup_epochs=0.0)
-  if arg.backbone == 'convnet':
+  if common.cpu_recipe(arg):
     c.method.projector_hidden_dim = 512
     c.method.queue_size = 4096
     c.method.target_momentum = 0.99
+  if arg.backbone == 'convnet':  # a ViT's AdamW is common.py's
     c.optimizer.name = 'lars'
     c.optimizer.base_lr = 0.3
     c.optimizer.weight_decay = 1e-6

@@ -52,7 +52,7 @@ def get_config(arg=None):
 
   common.byol_augmentation(c.augment)  # as the paper
   common.set_backbone(c, arg, paper_epochs=1000.0, resnet_batch=2048)
-  if arg.backbone == 'convnet':
+  if common.cpu_recipe(arg):
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 512
     # The paper's lambda is for D = 8192: the off-diagonal sum has D - 1 terms per diagonal

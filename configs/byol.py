@@ -37,13 +37,14 @@ def get_config(arg=None):
 
   common.byol_augmentation(c.augment)
   common.set_backbone(c, arg, paper_epochs=1000.0, resnet_batch=4096)
-  if arg.backbone == 'convnet':
+  if common.cpu_recipe(arg):
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 128
     c.method.predictor_hidden_dim = 512
     # Short-run values of solo-learn's CIFAR recipe: with the paper's tau = 0.996 the target
     # lags ~250 of a 4-epoch run's 936 steps (README table: the paper's values score lower).
     c.method.target_momentum = 0.99
+  if arg.backbone == 'convnet':  # LARS values; a ViT's AdamW is common.py's
     c.optimizer.base_lr = 1.0
     c.optimizer.weight_decay = 1e-5
   return c

@@ -57,11 +57,12 @@ def get_config(arg=None):
   a.blur_prob = 0.5
 
   common.set_backbone(c, arg, paper_epochs=200.0, resnet_batch=256, resnet_warmup_epochs=0.0)
-  if arg.backbone == 'convnet':
+  if common.cpu_recipe(arg):
     a.brightness, a.contrast = 0.8, 0.8  # SimCLR's strength: better here (README)
     c.method.queue_size = 4096
     c.method.target_momentum = 0.99
     c.method.projector_hidden_dim = 512
+  if arg.backbone == 'convnet':  # a ViT's AdamW is common.py's
     c.optimizer.name = 'lars'
     c.optimizer.base_lr = 0.3
     c.optimizer.weight_decay = 1e-6

@@ -40,7 +40,7 @@ def get_config(arg=None):
 
   common.byol_augmentation(c.augment)
   common.set_backbone(c, arg, paper_epochs=1000.0, resnet_batch=4096)
-  if arg.backbone == 'convnet':
+  if common.cpu_recipe(arg):
     c.method.queue_size = 4096
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 128

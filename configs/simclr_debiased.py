@@ -13,7 +13,8 @@ the paper's recipe applies (their STL10/CIFAR10 SimCLR, github.com/chingyaoc/DCL
 lr 1e-3 unscaled, weight decay 1e-6, temperature 0.5, batch 256, 400 epochs, a 512-wide
 projector to 128 dimensions. Here the learning rate follows the trainer's cosine decay (the
 paper keeps it constant) and AdamW's decoupled weight decay stands in for Adam's L2 term
-(the same at 1e-6).
+(the same at 1e-6). A ViT off the CPU recipe takes the paper's temperature and projector
+with common.py's ViT optimizer recipe; on Fashion-MNIST, configs/simclr.py's ViT CPU recipe.
 """
 
 from ssl_jax.configs import common, simclr
@@ -24,10 +25,11 @@ def get_config(arg=None):
   c.method.negatives = 'debiased'
   c.method.tau_plus = 0.1
   c.method.beta = 0.0
-  if c.model.name != 'convnet':
+  if not common.cpu_recipe(common.parse_arg(arg)):
     c.method.temperature = 0.5
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 128
+  if c.model.name.startswith('resnet'):  # a ViT keeps common.py's optimizer recipe
     c.optimizer.name = 'adamw'
     c.optimizer.base_lr = 1e-3
     c.optimizer.lr_scaling = 'none'

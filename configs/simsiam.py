@@ -48,10 +48,11 @@ def get_config(arg=None):
 
   common.set_backbone(c, arg, paper_epochs=100.0, resnet_batch=512, resnet_warmup_epochs=0.0,
                       cpu_warmup_epochs=0.0)
-  if arg.backbone == 'convnet':
+  if common.cpu_recipe(arg):
     c.method.projector_hidden_dim = 512
     c.method.projector_output_dim = 512
     c.method.predictor_hidden_dim = 128
+  if arg.backbone == 'convnet':  # SGD values; a ViT's AdamW is common.py's
     # solo-learn's CIFAR values: the paper's lr 0.05 and weight decay 1e-4 score lower here
     # (README table).
     c.optimizer.base_lr = 0.5

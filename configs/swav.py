@@ -53,12 +53,13 @@ def get_config(arg=None):
 
   # The global crops keep their scale (0.14, 1): the local crops take (0.05, 0.14).
   common.set_backbone(c, arg, paper_epochs=800.0, resnet_batch=4096, cpu_crop_scale=None)
-  if arg.backbone == 'convnet':
+  if common.cpu_recipe(arg):
     m.projector_hidden_dim = 512
     # Fashion-MNIST has 10 classes; a few dozen prototypes per class, as the paper's 3000
     # for ImageNet's 1000, and fewer than the 256 images of a batch, so equipartition over a
     # single batch is still meaningful without a queue.
     m.num_prototypes = 100
-    # One epoch of frozen prototypes, as 313 iterations are for the paper's batch 4096.
-    m.freeze_prototypes_steps = 234
+    # One epoch of frozen prototypes, as 313 iterations are for the paper's batch 4096: a
+    # sixteenth of the 16-epoch ConvNet run, and of the shorter ViT one.
+    m.freeze_prototypes_steps = round(234 * common.cpu_recipe_epochs(arg) / 16)
   return c

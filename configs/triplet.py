@@ -38,6 +38,6 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 1e-6
 
   common.set_backbone(c, arg, paper_epochs=100.0, resnet_batch=256)
-  if arg.backbone == 'convnet':
+  if common.cpu_recipe(arg):
     c.method.projector_hidden_dim = 512
   return c

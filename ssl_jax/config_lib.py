@@ -58,18 +58,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.widths = (32, 64, 128)      # ConvNet stage channels
   c.model.convs_per_stage = 2
   c.model.dtype = 'float32'           # 'bfloat16' computes in bf16, parameters stay float32
-  # Vision Transformers (vit_tiny, vit_small, vit_base, vit_large).
+  # Vision Transformers (vit_micro, vit_tiny, vit_small, vit_base, vit_large).
   c.model.patch_size = 16             # augment.crop_size must be a multiple
   c.model.vit_pool = 'cls'            # 'cls' (class token) or 'gap' (mean of patch tokens)
   c.model.vit_pos_embed = 'learned'   # 'learned' or 'sincos' (MoCo v3's fixed 2-D sin-cos)
-  # Stochastic depth: only where the training step passes a 'dropout' rng, which none of the
-  # methods does yet, so it has no effect there.
+  # Stochastic depth in the online network's ViT blocks (targets and teachers never drop).
   c.model.drop_path_rate = 0.0
   c.model.layer_scale_init = 0.0      # LayerScale's initial gain; 0 = no LayerScale
   c.model.vit_frozen_patch_embed = False  # MoCo v3's random, frozen patch projection
   # Rematerialisation: each residual block's activations are recomputed in the backward pass
   # instead of stored (jax.checkpoint), trading compute for memory. remat_policy names what is
-  # still saved ('' = the default chosen by measurement, see models/remat.py).
+  # still saved ('' = the default chosen by measurement, models/remat.py).
   c.model.remat = False
   c.model.remat_policy = ''
 
@@ -258,7 +257,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   # Imported here: the registries import jax/flax, which config files should not need.
   from ssl_jax import methods, models, optim
   from ssl_jax.data import sources
-  from ssl_jax.models import vit
+  from ssl_jax.models import remat, vit
 
   problems = []
 
@@ -299,6 +298,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         f'model.vit_pool={m.get("vit_pool")!r} is unknown; known: {vit.POOLS}.')
   check(m.get('vit_pos_embed', 'learned') in vit.POS_EMBEDS,
         f'model.vit_pos_embed={m.get("vit_pos_embed")!r} is unknown; known: {vit.POS_EMBEDS}.')
+  problems.extend(remat.validate(m))
   check(0 <= m.get('drop_path_rate', 0.0) < 1,
         f'model.drop_path_rate must be in [0, 1), got {m.get("drop_path_rate")}.')
   if models.is_vit(m.name) and patch > 0:

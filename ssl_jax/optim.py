@@ -11,6 +11,10 @@ import jax.numpy as jnp
 import optax
 
 
+# `frozen_steps` value of a subtree that the optimizer never updates (`make_optimizer`).
+FOREVER = math.inf
+
+
 def scaled_learning_rate(opt_cfg, global_batch_size: int) -> float:
   """Base LR scaled with the batch, as SimCLR does: linear (lr * B / 256) or square root
   (lr * sqrt(B)), the latter being better for small batches and long schedules."""
@@ -43,7 +47,7 @@ def decay_mask(params):
 
 
 def make_optimizer(opt_cfg, schedule: optax.Schedule,
-                   frozen_steps: Mapping[tuple[str, ...], int] | None = None,
+                   frozen_steps: Mapping[tuple[str, ...], int | float] | None = None,
                    ) -> optax.GradientTransformation:
   """The configured optimizer over `schedule` (a function of the optimizer step).
 
@@ -55,16 +59,23 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule,
   ... : what PyTorch does for a parameter whose `.grad` is None (DINO's
   `cancel_gradients_last_layer`). Entries with N = 0 are ignored; methods declare them with
   their optional `frozen_steps()` hook.
+
+  N = `FOREVER` freezes a subtree for the whole run (MoCo v3's random patch projection): its
+  updates are zero (`optax.set_to_zero`), so weight decay never shrinks it, and the optimizer
+  keeps no state for it (no Adam moments, no momentum).
   """
-  frozen = {tuple(path): int(n) for path, n in (frozen_steps or {}).items() if n > 0}
+  frozen = {tuple(path): n if n == FOREVER else int(n)
+            for path, n in (frozen_steps or {}).items() if n > 0}
   if not frozen:
     return _make_optimizer(opt_cfg, schedule)
   transforms = {'trained': _make_optimizer(opt_cfg, schedule)}
-  for n in sorted(set(frozen.values())):
+  if FOREVER in frozen.values():
+    transforms[_label(FOREVER)] = optax.set_to_zero()
+  for n in sorted(set(frozen.values()) - {FOREVER}):
     # The branch's own step count restarts at 0 when it unfreezes at global step n; its
     # schedule is shifted so that it reads the global learning rate there.
     shifted = lambda count, n=n: schedule(count + n)  # noqa: E731
-    transforms[f'frozen_{n}'] = skip_first_steps(_make_optimizer(opt_cfg, shifted), n)
+    transforms[_label(n)] = skip_first_steps(_make_optimizer(opt_cfg, shifted), n)
 
   def labels(params):
     used = set()
@@ -76,7 +87,7 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule,
         return 'trained'
       prefix = max(matches, key=len)  # the innermost declaration wins
       used.add(prefix)
-      return f'frozen_{frozen[prefix]}'
+      return _label(frozen[prefix])
 
     tree = jax.tree_util.tree_map_with_path(label, params)
     if unknown := set(frozen) - used:
@@ -84,6 +95,11 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule,
     return tree
 
   return optax.multi_transform(transforms, labels)
+
+
+def _label(num_steps) -> str:
+  """The multi_transform label of the subtrees frozen for `num_steps` steps."""
+  return 'frozen' if num_steps == FOREVER else f'frozen_{num_steps}'
 
 
 def _key_name(key) -> str:

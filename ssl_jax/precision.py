@@ -23,7 +23,7 @@ Computed in float32 inside a bfloat16 network:
     `(x - mean) * rsqrt(var + eps) * scale + bias`; only its output is rounded to bfloat16
     (flax.linen.normalization, `_compute_stats` and `_normalize`, flax 0.12).
   * ViT: LayerNorm (models/vit.py, `_layer_norm`: dtype float32) and the attention softmax
-    (`Attention`; its logits come out of a bfloat16 matmul); the representation is the
+    (`Attention`: logits accumulated in float32); the representation is the
     float32 LayerNorm of the class token, or of the float32 mean of the patch tokens.
   * Features: every encoder returns float32 (models/convnet.py, resnet.py, vit.py), so the
     evaluation features (kNN, linear and online probes, diagnostics) are float32.
@@ -46,7 +46,7 @@ Computed in float32 inside a bfloat16 network:
     batch x d^2, negligible next to the network.
 
 What stays bfloat16: the networks' convolutions and dense layers (with float32 parameters
-rounded to bfloat16 on use), activations, residual additions, attention logits, and the
+rounded to bfloat16 on use), activations, residual additions, and the
 cotangents of all of these in the backward pass. The gradient with respect to the float32
 parameters is float32 (the cast's transpose), as is every update.
 """

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssl_jax import parallel, sharding
 from ssl_jax.data import augment
+from ssl_jax.models import remat
 
 
 def _batch_rows(images) -> int:
@@ -113,7 +114,8 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
   state_sharding = replicated if state_specs is None else sharding.named(state_specs, mesh)
   compiled = jax.jit(train_step, donate_argnums=0,
                      in_shardings=(state_sharding, sharded, sharded),
-                     out_shardings=(state_sharding, replicated))
+                     out_shardings=(state_sharding, replicated),
+                     compiler_options=remat.compiler_options(method.config.model))
 
   def with_labels(images, labels):
     if labels is None:  # without a probe the labels are not read

@@ -87,7 +87,8 @@ def _split_leaves(specs) -> int:
 # MoCo v2: a queue (method state) and a target network; DINO: a centre, the teacher, the
 # last layer frozen for a step (a masked optimizer); SwAV: prototypes normalised after each
 # update (after_update on split leaves) and a queue.
-@pytest.mark.parametrize('name', ['moco_v2', 'dino', 'swav',
+@pytest.mark.parametrize('name', ['moco_v2', 'dino',
+                                  pytest.param('swav', marks=pytest.mark.slow),
                                   pytest.param('vit', marks=pytest.mark.slow)])
 def test_fsdp_step_equals_replicated(name):
   """Three steps on a 4 x 2 mesh (one for the ViT) equal those steps with replicated state on the same 8

@@ -4,11 +4,13 @@ it promises: the evaluation table and the three plots."""
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), '..', 'notebooks', 'quickstart.ipynb')
 
 
+@pytest.mark.slow  # 50-60 s; the train and evaluation code it calls is tested by default
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   workdir = tmp_path / 'quickstart'
   monkeypatch.setenv('SSL_JAX_QUICKSTART_TINY', '1')

@@ -3,6 +3,7 @@ training, is exact across devices, and learns the labels."""
 
 import jax
 import numpy as np
+import pytest
 
 import method_harness as mh
 from ssl_jax import parallel
@@ -33,6 +34,7 @@ def _fmnist_batches(n_batches, batch_size):
           for i in range(0, len(images), batch_size)]
 
 
+@pytest.mark.slow  # 20-30 s; the probe's loss and its trainer run stay in the default suite
 def test_probe_leaves_encoder_training_unchanged_and_is_exact_across_devices(tiny_config):
   probe = OnlineProbe(num_classes=10, learning_rate=1e-2)
   batches = _fmnist_batches(2, tiny_config.batch_size)

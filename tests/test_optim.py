@@ -347,3 +347,25 @@ def test_frozen_steps_naming_missing_parameters_raises():
   tx = optim.make_optimizer(_opt_cfg(name='adamw'), _schedule, {('head', 'last_layer'): 2})
   with pytest.raises(ValueError, match='head.*last_layer'):
     tx.init(_toy_params())
+
+
+@pytest.mark.parametrize('name', ['lars', 'sgd', 'adamw'])
+def test_subtree_frozen_forever_keeps_its_init_and_no_state(name):
+  """`optim.FOREVER` (MoCo v3's frozen patch projection): catches weight decay still
+  shrinking the subtree (stop_gradient alone gives zero gradients, not zero updates), any
+  optimizer state kept for it, or the other leaves not following the plain optimizer. Large
+  weight decay and non-zero gradients for the frozen kernel: only the optimizer can keep it."""
+  cfg = _opt_cfg(name=name, weight_decay=0.5)
+  grads_seq = [_grads(30 + k) for k in range(4)]
+  frozen = {('Conv_0',): optim.FOREVER, ('Dense_0', 'bias'): 2}  # with a temporary freeze
+  params_seq, states = _run(optim.make_optimizer(cfg, _schedule, frozen), grads_seq)
+  plain_seq, _ = _run(optim.make_optimizer(cfg, _schedule), grads_seq)
+  kernel = _flat(params_seq[0])[('Conv_0', 'kernel')]
+  assert not any(np.shape(leaf) == kernel.shape for leaf in jax.tree.leaves(states[-1]))
+  for k in range(1, 5):
+    flat, plain = _flat(params_seq[k]), _flat(plain_seq[k])
+    np.testing.assert_array_equal(flat[('Conv_0', 'kernel')], kernel)
+    for path in (('Dense_0', 'kernel'), ('BatchNorm_0', 'scale'), ('BatchNorm_0', 'bias')):
+      np.testing.assert_array_equal(flat[path], plain[path], err_msg=f'{path} step {k}')
+  # Not vacuous: the plain optimizer moves the kernel (weight decay alone would).
+  assert np.abs(_flat(plain_seq[4])[('Conv_0', 'kernel')] - kernel).max() > 1e-3

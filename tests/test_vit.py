@@ -14,11 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from ssl_jax import config_lib, configs, models
+from ssl_jax import config_lib, configs, models, optim
 from ssl_jax.configs import common
 from ssl_jax.evaluation import batch_norm
+from ssl_jax.methods import RunLength, build_method
 from ssl_jax.models import build_encoder
 from ssl_jax.models.vit import SIZES, Block, ViT, resize_position_embedding
 from ssl_jax.models.vit import sincos_2d_position_embedding
@@ -213,10 +215,11 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_features(tiny_variabl
 # ---------------------------------------------- stochastic depth, LayerScale, frozen patches
 
 def test_drop_path_only_in_training_with_a_dropout_rng(tiny_variables):
-  """Catches stochastic depth applied in evaluation, or in a training step that passes no
-  'dropout' rng (the methods' steps: the documented deterministic default); and, by the
-  sensitivity check, a drop path that never drops. Without an rng nothing can be dropped
-  (`make_rng` would fail), so that output is the identity's."""
+  """Catches stochastic depth applied in evaluation, or in a forward that passes no
+  'dropout' rng (the methods' targets and teachers, the BatchNorm refresh: the documented
+  deterministic default); and, by the sensitivity check, a drop path that never drops.
+  Without an rng nothing can be dropped (`make_rng` would fail), so that output is the
+  identity's. (tests/test_drop_path.py checks the masks and the methods' steps.)"""
   x = _images((8, 16, 16, 1))
   model = ViT(**TINY, drop_path_rate=0.5)
   rngs = {'dropout': jax.random.PRNGKey(3)}
@@ -264,6 +267,39 @@ def test_frozen_patch_embedding_gets_no_gradient(tiny_variables):
   patch_grad = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads['patch_embed']))
   assert patch_grad == 0.0
   assert float(jnp.abs(grads['cls_token']).max()) > 0
+
+
+def test_frozen_patch_embedding_is_left_out_of_the_optimizer(tiny_vit_registered):
+  """Catches AdamW's decoupled weight decay still shrinking MoCo v3's frozen patch projection
+  (the stop-gradient alone gives it zero gradients, not zero updates) and Adam moments kept
+  for it; the trainer's optimizer (`experiment.build`: the method's `frozen_steps`, from the
+  encoder registry's `frozen_parameters`), 5 steps of weight decay 0.5 and non-zero
+  gradients for every parameter, the patch embedding's included: it keeps its initial value
+  exactly and every other leaf moves. DINO's own frozen last layer is kept alongside."""
+  del tiny_vit_registered
+  config = mh.shrink(mh.load_config('moco_v3', 'backbone=vit_small'), crop=16)
+  assert config.model.vit_frozen_patch_embed  # the recipe's
+  config.model.name, config.model.patch_size = 'vit_test', 4
+  config.optimizer.weight_decay, config.optimizer.warmup_epochs = 0.5, 0.0
+  built, state, _ = mh.build_experiment(config, 1)
+  params = jax.device_get(state.params)
+  kernel = params['encoder']['patch_embed']['kernel']
+  assert not any(np.shape(leaf) == kernel.shape for leaf in jax.tree.leaves(state.opt_state))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+  update = jax.jit(built.tx.update)
+  opt_state, trained = state.opt_state, params
+  for _ in range(5):
+    updates, opt_state = update(grads, opt_state, trained)
+    trained = optax.apply_updates(trained, updates)
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), trained,
+                       params)
+  assert moved.pop('encoder').pop('patch_embed') == {'kernel': False, 'bias': False}
+  assert all(jax.tree.leaves(moved)), moved
+
+  dino = mh.load_config('dino', 'backbone=vit_small,dataset=tfds:imagenet2012')
+  dino.model.vit_frozen_patch_embed = True  # its last layer: frozen for 1 epoch
+  frozen = build_method(dino, RunLength(total_steps=100, steps_per_epoch=10)).frozen_steps()
+  assert frozen == {('encoder', 'patch_embed'): optim.FOREVER, ('head', 'last_layer'): 10}
 
 
 def test_initialisation_follows_timm_and_dino(tiny_variables):
@@ -335,9 +371,64 @@ def test_every_method_config_takes_a_vit_backbone(dataset, patch):
     assert config.model.name == 'vit_small' and config.model.patch_size == patch, name
     assert config.optimizer.name == 'adamw', name
     config_lib.validate(config, 8)
-  cpu = mh.load_config('simclr', 'backbone=vit_tiny')
-  assert (cpu.augment.crop_size, cpu.eval.image_size, cpu.optimizer.base_lr) == (16, 20, 1e-3)
+  cpu = mh.load_config('simclr', 'backbone=vit_micro')
+  assert (cpu.augment.crop_size, cpu.eval.image_size, cpu.model.patch_size, cpu.num_epochs,
+          cpu.optimizer.base_lr, cpu.optimizer.warmup_epochs, cpu.model.vit_pool) == (
+              16, 20, 4, common.CPU_VIT_EPOCHS, common.CPU_VIT_BASE_LR,
+              common.CPU_VIT_WARMUP_EPOCHS, common.CPU_VIT_POOL)
   assert mh.load_config('dino', 'backbone=vit_tiny').augment.local_crop_size == 8
+
+
+def test_every_method_config_builds_a_cpu_vit():
+  """Catches a method config whose Fashion-MNIST ViT (`backbone=vit_tiny`) does not build
+  (its networks traced, nothing compiled) or keeps its ImageNet-scale heads (the
+  8192-wide projectors, 65536 prototypes, 98304-row queue of the papers) on the CPU recipe."""
+  for name in METHOD_CONFIGS:
+    config = mh.load_config(name, 'backbone=vit_tiny')
+    config_lib.validate(config, 8)
+    m = config.method
+    for field in ('projector_hidden_dim', 'projector_output_dim', 'predictor_hidden_dim'):
+      assert m.get(field, 0) <= 512, (name, field)
+    assert m.get('num_prototypes', 0) <= 4096 and m.get('queue_size', 0) <= 4096, name
+    method = build_method(config, RunLength(total_steps=100, steps_per_epoch=10))
+    size = config.augment.crop_size
+    params, _, _ = jax.eval_shape(lambda r, m=method, s=size: m.init(r, jnp.zeros((2, s, s, 1))),
+                                  RNG)
+    assert params['encoder']['patch_embed']['kernel'].shape == (4, 4, 1, 192), name
+
+
+def test_moco_v3_and_dino_vit_recipes_are_the_papers():
+  """Catches the papers' ViT recipes (configs/moco_v3.py, configs/dino.py docstrings: MoCo v3
+  Sec. 4-5 and its CONFIG.md; DINO Sec. 4 and main_dino.py) replaced by the generic ViT
+  recipe or the ResNet one, e.g. by a refactoring of common.set_backbone."""
+  c = mh.load_config('moco_v3', 'backbone=vit_small,dataset=tfds:imagenet2012')
+  o, m, a = c.optimizer, c.method, c.augment
+  assert (o.name, o.base_lr, o.lr_scaling, o.weight_decay, o.b1, o.b2, o.warmup_epochs) == (
+      'adamw', 1.5e-4, 'linear', 0.1, 0.9, 0.999, 40.0)
+  assert (c.batch_size, c.num_epochs, a.crop_size, a.crop_scale) == (4096, 300.0, 224,
+                                                                    (0.08, 1.0))
+  assert (c.model.patch_size, c.model.vit_pool, c.model.vit_pos_embed,
+          c.model.vit_frozen_patch_embed, c.model.drop_path_rate) == (16, 'cls', 'sincos',
+                                                                      True, 0.0)
+  assert (m.temperature, m.target_momentum, m.projector_num_layers, m.projector_hidden_dim,
+          m.projector_output_dim, m.projector_last_bn, m.predictor_hidden_dim,
+          m.predictor_last_bn) == (0.2, 0.99, 3, 4096, 256, True, 4096, True)
+  assert mh.load_config('moco_v3', 'backbone=vit_base,dataset=tfds:imagenet2012'
+                        ).optimizer.base_lr == 1.5e-4
+
+  c = mh.load_config('dino', 'backbone=vit_small,dataset=tfds:imagenet2012')
+  o, m, a = c.optimizer, c.method, c.augment
+  assert (o.name, o.base_lr, o.lr_scaling, o.weight_decay, o.warmup_epochs) == (
+      'adamw', 5e-4, 'linear', 0.04, 10.0)
+  assert (c.batch_size, c.num_epochs, c.model.patch_size, c.model.vit_pool,
+          c.model.drop_path_rate) == (1024, 100.0, 16, 'cls', 0.1)
+  assert (a.crop_size, a.crop_scale, a.num_local_crops, a.local_crop_size,
+          a.local_crop_scale) == (224, (0.4, 1.0), 8, 96, (0.05, 0.4))
+  assert (m.projector_hidden_dim, m.projector_output_dim, m.num_prototypes,
+          m.projector_num_layers, m.norm_last_layer) == (2048, 256, 65536, 3, True)
+  assert (m.student_temperature, m.teacher_temperature_start, m.teacher_temperature,
+          m.teacher_warmup_epochs, m.target_momentum, m.freeze_last_layer_epochs) == (
+              0.1, 0.04, 0.07, 30.0, 0.996, 1.0)
 
 
 # --------------------------------------------------------------- one method's train step
@@ -352,6 +443,9 @@ def vit_simclr_config():
   config.model.vit_pool = 'gap'
   config.method.projector_hidden_dim, config.method.projector_output_dim = 16, 8
   config.total_steps, config.optimizer.warmup_epochs = 10, 0.0  # the first step moves
+  # Stochastic depth on, through the trainer's step: its masks must not depend on the device
+  # count either (tests/test_drop_path.py checks them in detail).
+  config.model.drop_path_rate = 0.5
   # Colour augmentations add compile time and nothing to what is tested here.
   config.augment.jitter_prob = config.augment.grayscale_prob = config.augment.blur_prob = 0.0
   return config
@@ -376,7 +470,7 @@ def vit_simclr_runs(vit_simclr_config, tiny_vit_registered):
 def test_train_step_on_1_and_8_devices(vit_simclr_config, vit_simclr_runs):
   """Catches a ViT that does not run through a method's sharded train step, a non-finite
   loss, or a result that depends on the device count (statistics of one shard, a missing
-  psum): loss and gradients agree to float32 rounding.
+  psum, drop-path masks drawn per device): loss and gradients agree to float32 rounding.
 
   Mean-pooled, as the class token at initialisation is ill-conditioned in float32: its
   features barely differ between images (the token's own embedding dominates), and the

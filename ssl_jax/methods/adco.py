@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from ssl_jax import parallel
 from ssl_jax.losses.info_nce import info_nce_with_negatives, l2_normalize
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import EncoderWithProjector, encoder_with_projector
+from ssl_jax.methods.common import (EncoderWithProjector, concatenated_views,
+                                    encoder_with_projector)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ class AdCo(Method):
     return params, batch_stats, state
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del rng, step
+    del step
     m = self.config.method
     n = views[0].shape[0]
     net = self.network(axis_name)
@@ -93,8 +94,9 @@ class AdCo(Method):
       query_images = key_images = jnp.concatenate(views[:2], axis=0)
     else:
       query_images, key_images = views[0], views[1]
-    (_, zq), updates = net.apply({'params': params, 'batch_stats': batch_stats}, query_images,
-                                 train=True, mutable=['batch_stats'])
+    (_, zq), updates = concatenated_views(net, n).apply(
+        {'params': params, 'batch_stats': batch_stats}, query_images, train=True,
+        mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
     # The key encoder's BatchNorm uses this batch's statistics; its running averages are
     # never used (only the query encoder is evaluated), so its updates are dropped.
     (_, zk), _ = net.apply({'params': target_params, 'batch_stats': batch_stats}, key_images,

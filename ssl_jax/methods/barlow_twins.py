@@ -40,9 +40,9 @@ class BarlowTwins(Method):
     return encoder_with_projector(self.config, axis_name, last_bn=False)
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, rng, step  # deterministic given the views, no schedules
+    del target_params, step  # deterministic given the views and rng, no schedules
     outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                         views[:2])
+                                         views[:2], rng)
     (_, z1), (_, z2) = outputs
     m = self.config.method
     loss, metrics = barlow_twins_loss(z1, z2, m.redundancy_weight, axis_name)

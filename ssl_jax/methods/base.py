@@ -20,8 +20,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ssl_jax import models, optim
+
 Params = Any
 Metrics = dict[str, jnp.ndarray]
+# fold_in tag ('drop') that keeps the dropout keys apart from what a loss draws from its rng.
+_DROPOUT_STREAM = 0x64726F70
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,21 @@ class Method:
     del config
     return []
 
+  @staticmethod
+  def dropout_rngs(rng, call: int) -> dict[str, jax.Array] | None:
+    """The `rngs` of the online network's training-mode forward number `call` (0, 1, ...)
+    of a loss evaluation, from the loss's `rng`: a 'dropout' key for stochastic depth
+    (`model.drop_path_rate`), the same on every device, as `models.vit.drop_path_mask`
+    needs for the step to be the same on any number of devices. Each call gets its own
+    key, so views forwarded one at a time get different masks (and views concatenated into
+    one call get theirs from `drop_path_mask`). Target and teacher networks get none: they
+    run without drop path, as DINO's teacher (drop_path_rate 0). `rng` None (a loss
+    evaluated without one, as tests of deterministic losses do): None, no drop path."""
+    if rng is None:
+      return None
+    stream = jax.random.fold_in(rng, _DROPOUT_STREAM)
+    return {'dropout': jax.random.fold_in(stream, call)}
+
   def init_networks(self, rng, images) -> tuple[Params, Params]:
     """(params, batch_stats) of the online network for a sample batch of float images."""
     variables = self.network().init(rng, images, train=False)
@@ -134,13 +153,18 @@ class Method:
       return jnp.asarray(base, jnp.float32)
     return cosine_momentum(base, step, self.run_length.total_steps)
 
-  def frozen_steps(self) -> dict[tuple[str, ...], int]:
+  def frozen_steps(self) -> dict[tuple[str, ...], int | float]:
     """Subtrees of `params` (key paths) that the optimizer leaves untouched for their first
     N steps, as PyTorch's optimizers skip a parameter whose .grad is None: no update, no
     weight decay, no optimizer-state change; then they start as a fresh optimizer at the
     global learning rate (`optim.make_optimizer`). DINO freezes its last layer, SwAV its
-    prototypes."""
-    return {}
+    prototypes; a method that overrides this adds its entries to these.
+
+    Here: the encoder's parameters that its model never trains (`models.frozen_parameters`:
+    MoCo v3's random patch projection), frozen for the whole run (`optim.FOREVER`). Every
+    method's network names its encoder 'encoder'."""
+    return {('encoder',) + path: optim.FOREVER
+            for path in models.frozen_parameters(self.config.model)}
 
   def after_update(self, params) -> Params:
     """A projection applied after each optimizer step (SwAV normalises its prototypes)."""

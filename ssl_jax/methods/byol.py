@@ -51,9 +51,9 @@ class BYOL(Method):
         projector=self._mlp(self.config.method.projector_hidden_dim, axis_name))
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del rng, step  # BYOL's loss is deterministic given the views; tau lives in the trainer.
+    del step  # deterministic given the views and rng (drop path); tau lives in the trainer.
     outputs, new_batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                             views)
+                                             views, rng)
     p1, p2 = (p for _, p in outputs)
     target_stats = {k: batch_stats[k] for k in self.target_networks if k in batch_stats}
     target_outputs, _ = forward_views(self.target_network(axis_name), target_params,

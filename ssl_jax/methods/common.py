@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 
+from ssl_jax.methods.base import Method
 from ssl_jax.models import DTYPES, build_encoder
 from ssl_jax.models.heads import ProjectionMLP
 
@@ -64,19 +67,41 @@ def encoder_with_projector(config, axis_name: str | None,
                               projector=projector(config, axis_name, last_bn))
 
 
-def forward_views(network: nn.Module, params, batch_stats, views):
+def forward_views(network: nn.Module, params, batch_stats, views, rng=None):
   """Each view through `network` in training mode, one after the other, as the reference
   implementations of BYOL, SimSiam, MoCo, Barlow Twins and VICReg do: every BatchNorm then
   normalises a view with that view's own (global-batch) statistics, and the running averages
   are updated once per view. Returns the list of outputs and the running statistics after
-  all views."""
+  all views.
+
+  `rng`: the loss's, for the online network: view v's forward gets the dropout rngs of call v
+  (`Method.dropout_rngs`); None (target networks): no dropout rng, so no drop path."""
   outputs = []
-  for view in views:
+  for v, view in enumerate(views):
     out, updates = network.apply({'params': params, 'batch_stats': batch_stats}, view,
-                                 train=True, mutable=['batch_stats'])
+                                 train=True, mutable=['batch_stats'],
+                                 rngs=Method.dropout_rngs(rng, v))
     batch_stats = updates['batch_stats']
     outputs.append(out)
   return outputs, batch_stats
+
+
+def concatenated_views(network: nn.Module, rows_per_view: int) -> nn.Module:
+  """`network` for a batch of views concatenated along the rows, `rows_per_view` rows each
+  (this device's rows of each view): every submodule with a `rows_per_view` attribute (the
+  ViT) is told so, for its drop-path masks to follow each example's place in the global
+  batch (`models.vit.drop_path_mask`) rather than its row in the concatenation. Modules
+  without one are returned as they are."""
+  updates = {}
+  for field in dataclasses.fields(network):
+    value = getattr(network, field.name, None)
+    if field.name == 'rows_per_view':
+      updates[field.name] = rows_per_view
+    elif field.name != 'parent' and isinstance(value, nn.Module):
+      told = concatenated_views(value, rows_per_view)
+      if told is not value:
+        updates[field.name] = told
+  return network.clone(**updates) if updates else network
 
 
 def mean_metrics(metrics: list[dict]) -> dict:

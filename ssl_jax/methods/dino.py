@@ -34,6 +34,7 @@ import optax
 
 from ssl_jax.losses import dino as dino_loss
 from ssl_jax.methods.base import Method
+from ssl_jax.methods.common import concatenated_views
 from ssl_jax.models import DTYPES, build_encoder
 from ssl_jax.models.dino_head import DINOHead
 
@@ -99,7 +100,7 @@ class DINO(Method):
     it): no update, no weight decay and no optimizer-state change; it then starts as a fresh
     Adam at the global learning rate. `optim.make_optimizer` implements it."""
     m = self.config.method
-    return {('head', 'last_layer'):
+    return {**super().frozen_steps(), ('head', 'last_layer'):
             round(m.freeze_last_layer_epochs * self.run_length.steps_per_epoch)}
 
   def teacher_temperature(self, step):
@@ -113,7 +114,6 @@ class DINO(Method):
                                  transition_steps=warmup)(step)
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del rng  # The loss is deterministic given the views.
     m = self.config.method
     g = self.num_views
     n = views[0].shape[0]
@@ -122,9 +122,11 @@ class DINO(Method):
     network = self.network(axis_name)
     global_crops = jnp.concatenate(views[:g], axis=0)
     local_crops = jnp.concatenate(views[g:], axis=0) if len(views) > g else None
-    student, updates = network.apply({'params': params, 'batch_stats': batch_stats},
-                                     global_crops, local_crops, train=True,
-                                     mutable=['batch_stats'])
+    # Drop path in the student only: the teacher gets no dropout rng (the reference's
+    # teacher is built with drop_path_rate 0).
+    student, updates = concatenated_views(network, n).apply(
+        {'params': params, 'batch_stats': batch_stats}, global_crops, local_crops, train=True,
+        mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
     teacher, teacher_updates = network.apply(
         {'params': target_params, 'batch_stats': method_state['teacher_batch_stats']},
         global_crops, train=True, mutable=['batch_stats'])

@@ -169,9 +169,12 @@ class MoCoV2(Method):
     keys' groups shuffled)."""
     m = self.config.method
     if not m.shuffle_bn_group_size:
-      outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats, views)
+      # The queries' (online) forward gets the rng for drop path, the keys' none.
+      outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats, views,
+                                           None if shuffle else rng)
       return [z for _, z in outputs], batch_stats
-    # BN per group, local to a device: the network is built without a mesh axis.
+    # BN per group, local to a device: the network is built without a mesh axis (and without
+    # a dropout rng, so no drop path: a group does not know its rows' global indices).
     zs = []
     for i, view in enumerate(views):
       (_, z), batch_stats = apply_in_groups(

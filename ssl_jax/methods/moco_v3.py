@@ -48,10 +48,10 @@ class MoCoV3(Method):
                                 projector=projector(self.config, axis_name))
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del rng, step  # deterministic given the views; m is applied by the trainer
+    del step  # deterministic given the views and rng (drop path); m is applied by the trainer
     tau = self.config.method.temperature
     outputs, new_batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                             views[:2])
+                                             views[:2], rng)
     q1, q2 = (p for _, p in outputs)
     momentum_stats = {k: batch_stats[k] for k in self.target_networks if k in batch_stats}
     key_outputs, _ = forward_views(self.target_network(axis_name), target_params,

@@ -32,7 +32,8 @@ from ssl_jax.losses import queue as queue_lib
 from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.losses.moco import batch_info_nce
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import EncoderProjectorPredictor, mean_metrics, mlp, projector
+from ssl_jax.methods.common import (EncoderProjectorPredictor, concatenated_views,
+                                    mean_metrics, mlp, projector)
 from ssl_jax.models import build_encoder
 
 
@@ -89,11 +90,11 @@ class NNCLR(Method):
                                                      m.projector_output_dim)
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, rng, step  # no momentum network; deterministic given the views
+    del target_params, step  # no momentum network; deterministic given views and rng
     n = views[0].shape[0]
-    (z, p), updates = self.network(axis_name).apply(
+    (z, p), updates = concatenated_views(self.network(axis_name), n).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:2], axis=0),
-        train=True, mutable=['batch_stats'])
+        train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
     loss, metrics = nnclr_loss(z[:n], z[n:], p[:n], p[n:], method_state['queue'],
                                self.config.method.temperature, axis_name)
     new_state = queue_lib.enqueue(method_state, l2_normalize(z[:n]), axis_name)

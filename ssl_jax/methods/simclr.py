@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from ssl_jax.losses.info_nce import nt_xent
 from ssl_jax.losses.negatives import debiased_nt_xent
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import EncoderWithProjector, encoder_with_projector
+from ssl_jax.methods.common import (EncoderWithProjector, concatenated_views,
+                                    encoder_with_projector)
 
 NEGATIVES = ('uniform', 'debiased', 'hard')
 
@@ -50,13 +51,13 @@ class SimCLR(Method):
     return encoder_with_projector(self.config, axis_name)
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, rng, step  # SimCLR's loss is deterministic given the views.
+    del target_params, step  # SimCLR's loss is deterministic given the views (and rng).
     n = views[0].shape[0]
     # Both views go through the network as one batch, so BatchNorm normalises them with the
     # same statistics (as the reference implementation does).
-    (_, z), updates = self.network(axis_name).apply(
+    (_, z), updates = concatenated_views(self.network(axis_name), n).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views, axis=0),
-        train=True, mutable=['batch_stats'])
+        train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
     loss, metrics = self.contrastive_loss(z[:n], z[n:], axis_name)
     return loss, (metrics, updates['batch_stats'], method_state)
 

@@ -45,9 +45,9 @@ class SimSiam(Method):
     return []
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, rng, step  # no target network; deterministic given the views.
+    del target_params, step  # no target network; deterministic given the views and rng.
     outputs, new_batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                             views)
+                                             views, rng)
     (z1, p1), (z2, p2) = outputs
     stop_gradient = self.config.method.stop_gradient
     # Eq. 2: L = D(p1, z2) / 2 + D(p2, z1) / 2.

@@ -25,11 +25,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, precision
 from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.losses.sinkhorn import sinkhorn_knopp, swapped_prediction
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import mlp
+from ssl_jax.methods.common import concatenated_views, mlp
 from ssl_jax.models import build_encoder
 
 
@@ -45,7 +45,8 @@ class Prototypes(nn.Module):
   def __call__(self, z):
     kernel = self.param('kernel', _unit_columns_init, (z.shape[-1], self.num_prototypes),
                         jnp.float32)
-    return z.astype(jnp.float32) @ kernel
+    # Full float32 precision: Sinkhorn and the swapped prediction divide these by 0.05.
+    return precision.matmul(z.astype(jnp.float32), kernel)
 
 
 def _unit_columns_init(key, shape, dtype=jnp.float32):
@@ -123,7 +124,8 @@ class SwAV(Method):
     """The prototypes are frozen for the first `freeze_prototypes_steps`, which helps the
     codes settle first: the reference sets their .grad to None, so its SGD/LARS skips them
     entirely (no weight decay, no momentum) until then."""
-    return {('prototypes',): self.config.method.freeze_prototypes_steps}
+    return {**super().frozen_steps(),
+            ('prototypes',): self.config.method.freeze_prototypes_steps}
 
   def after_update(self, params):
     """Projects the prototypes back to the unit sphere (the reference does so before each
@@ -132,15 +134,15 @@ class SwAV(Method):
     return {**params, 'prototypes': {'kernel': normalize_prototypes(kernel)}}
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, rng  # SwAV has no target network and its loss is deterministic.
+    del target_params  # SwAV has no target network; rng only drives drop path.
     m = self.config.method
     g = self.num_views
     n = views[0].shape[0]
     # The prototypes are frozen in the optimizer (`frozen_steps`), not here.
     local_crops = jnp.concatenate(views[g:], axis=0) if len(views) > g else None
-    (z, scores), updates = self.network(axis_name).apply(
+    (z, scores), updates = concatenated_views(self.network(axis_name), n).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:g], axis=0),
-        local_crops, train=True, mutable=['batch_stats'])
+        local_crops, train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
     num_crops = len(views)
     scores = [scores[v * n:(v + 1) * n] for v in range(num_crops)]
     z_global = [jax.lax.stop_gradient(z[v * n:(v + 1) * n]) for v in range(g)]
@@ -153,7 +155,8 @@ class SwAV(Method):
       use_queue = method_state['queue_filled'] >= m.queue_size
       for v in range(g):
         codes.append(sinkhorn_knopp(scores[v], m.epsilon, m.sinkhorn_iterations, axis_name,
-                                    extra_scores=queue[v] @ prototypes, use_extra=use_queue))
+                                    extra_scores=precision.matmul(queue[v], prototypes),
+                                    use_extra=use_queue))
       new_state = self._enqueue(method_state, z_global, step, axis_name)
     else:
       codes = [sinkhorn_knopp(scores[v], m.epsilon, m.sinkhorn_iterations, axis_name)

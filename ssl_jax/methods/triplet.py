@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from ssl_jax.losses.triplet import FALLBACKS, semihard_triplet
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import EncoderWithProjector, encoder_with_projector
+from ssl_jax.methods.common import (EncoderWithProjector, concatenated_views,
+                                    encoder_with_projector)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +34,12 @@ class Triplet(Method):
     return problems
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, rng, step
+    del target_params, step
     n = views[0].shape[0]
     # One pass over both views, so BatchNorm normalises them with the same statistics.
-    (_, z), updates = self.network(axis_name).apply(
+    (_, z), updates = concatenated_views(self.network(axis_name), n).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views, axis=0),
-        train=True, mutable=['batch_stats'])
+        train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
     m = self.config.method
     loss, metrics = semihard_triplet(z[:n], z[n:], m.margin, m.fallback, axis_name)
     return loss, (metrics, updates['batch_stats'], method_state)

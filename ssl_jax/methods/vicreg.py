@@ -41,9 +41,9 @@ class VICReg(Method):
     return encoder_with_projector(self.config, axis_name, last_bn=False)
 
   def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, rng, step  # deterministic given the views, no schedules
+    del target_params, step  # deterministic given the views and rng, no schedules
     outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                         views[:2])
+                                         views[:2], rng)
     (_, z1), (_, z2) = outputs
     m = self.config.method
     loss, metrics = vicreg_loss(z1, z2, m.invariance_weight, m.variance_weight,

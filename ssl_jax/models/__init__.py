@@ -25,15 +25,24 @@ def _convnet(cfg, axis_name, dtype):
 
 
 def _vit(width, depth, num_heads, cfg, axis_name, dtype):
-  del axis_name  # no BatchNorm: nothing to synchronise across devices
+  # No BatchNorm: `axis_name` only places rows in the global batch for drop path.
   return ViT(width=width, depth=depth, num_heads=num_heads, patch_size=cfg.patch_size,
              pool=cfg.vit_pool, pos_embed=cfg.vit_pos_embed, drop_path_rate=cfg.drop_path_rate,
              layer_scale_init=cfg.layer_scale_init,
-             frozen_patch_embed=cfg.vit_frozen_patch_embed, dtype=dtype)
+             frozen_patch_embed=cfg.vit_frozen_patch_embed, dtype=dtype, axis_name=axis_name)
 
 
 def is_vit(name: str) -> bool:
   return name.startswith('vit_')
+
+
+def frozen_parameters(model_cfg) -> tuple[tuple[str, ...], ...]:
+  """Key paths, inside the encoder's params, that training never changes: the optimizer
+  leaves them out entirely (`Method.frozen_steps`), so weight decay cannot shrink them.
+  MoCo v3's random patch projection (`vit_frozen_patch_embed`)."""
+  if is_vit(model_cfg.name) and model_cfg.get('vit_frozen_patch_embed', False):
+    return (('patch_embed',),)
+  return ()
 
 
 ENCODERS = {
@@ -48,4 +57,8 @@ ENCODERS = {
 def build_encoder(model_cfg, axis_name: str | None = None):
   if model_cfg.name not in ENCODERS:
     raise ValueError(f'Unknown model.name {model_cfg.name!r}; known: {sorted(ENCODERS)}.')
-  return ENCODERS[model_cfg.name](model_cfg, axis_name, DTYPES[model_cfg.dtype])
+  encoder = ENCODERS[model_cfg.name](model_cfg, axis_name, DTYPES[model_cfg.dtype])
+  # Every encoder rematerialises its blocks the same way (models/remat.py). `.get`: configs
+  # saved before these fields existed have neither, and trained without remat.
+  return encoder.copy(remat=model_cfg.get('remat', False),
+                      remat_policy=model_cfg.get('remat_policy', ''))

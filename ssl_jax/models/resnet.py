@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.models import remat as remat_lib
+
 ModuleDef = Any
 
 
@@ -75,6 +77,8 @@ class ResNet(nn.Module):
       32 pixels or less, where the ImageNet stem would discard most of the image.
     axis_name: mesh axis over which BatchNorm averages its batch statistics.
     dtype: computation dtype (bfloat16 for speed on accelerators); parameters stay float32.
+    remat: recompute each block's activations in the backward pass instead of storing them
+      (`remat.py`), except what `remat_policy` names ('' = its default).
   """
   stage_sizes: Sequence[int]
   block: ModuleDef
@@ -83,6 +87,8 @@ class ResNet(nn.Module):
   axis_name: str | None = None
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
+  remat: bool = False
+  remat_policy: str = ''
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -99,11 +105,19 @@ class ResNet(nn.Module):
       x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    # The blocks take no `train` argument (their norm has it bound): nothing static.
+    block = remat_lib.remat(self.block, self.remat_policy) if self.remat else self.block
+    index = 0
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block(self.width * 2**i, strides, conv=conv, norm=norm)(x)
-    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+        # The name flax gives a plain block ('Bottleneck_3'); the remat wrapper's class
+        # ('CheckpointBottleneck') would otherwise rename it, and a checkpoint trained
+        # without remat would not restore with it.
+        x = block(self.width * 2**i, strides, conv=conv, norm=norm,
+                  name=f'{self.block.__name__}_{index}')(x)
+        index += 1
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # pooled in float32, not rounded
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)

@@ -29,10 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssl_jax import parallel
+from ssl_jax.models import remat as remat_lib
+
 POOLS = ('cls', 'gap')
 POS_EMBEDS = ('learned', 'sincos')
-# name: (width, depth, heads); the MLP is 4 x width wide in all of them.
+# name: (width, depth, heads); the MLP is 4 x width wide in all of them. 'vit_micro' is no
+# paper's: a 4-block ViT for the CPU recipe on Fashion-MNIST (configs/common.py), where a
+# ViT-Ti step costs some 40 times the ConvNet's; the others are DeiT's and ViT's.
 SIZES = {
+    'vit_micro': (64, 4, 2),
     'vit_tiny': (192, 12, 3),
     'vit_small': (384, 12, 6),
     'vit_base': (768, 12, 12),
@@ -90,6 +96,29 @@ def resize_position_embedding(pos_embed, grid: tuple[int, int]):
                           patches.reshape(1, grid[0] * grid[1], dim)], axis=1)
 
 
+def drop_path_mask(key, rows: int, keep_prob: float, axis_name=None,
+                   rows_per_view: int = 0) -> jnp.ndarray:
+  """[rows] booleans: which of this device's rows keep a residual branch (stochastic depth).
+
+  The local batch is read as consecutive blocks of `rows_per_view` rows (0: one block), as a
+  method concatenates its views: block v holds examples offset + 0, 1, ... of view v, where
+  offset is this device's first row in the global batch (`parallel.global_row_offset`).
+  Example e of view v keeps the branch iff a uniform drawn from fold_in(fold_in(key, v), e)
+  is below `keep_prob`. With the same `key` on every device, an example's mask depends only
+  on the key, its view and its index in the global batch, never on the device that holds it
+  or on the device count: as `augment.example_keys` for the views. Inside `shard_map`,
+  `axis_name` names the batch axes; None is one device.
+  """
+  per_view = rows_per_view or rows
+  if rows % per_view:
+    raise ValueError(f'A batch of {rows} rows is not whole views of {per_view} rows.')
+  row = np.arange(rows)
+  example = parallel.global_row_offset(per_view, axis_name) + row % per_view
+  fold = lambda view, e: jax.random.fold_in(jax.random.fold_in(key, view), e)  # noqa: E731
+  keys = jax.vmap(fold)(row // per_view, example)
+  return jax.vmap(jax.random.uniform)(keys) < keep_prob
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (timm's layout: q, k, v, then heads);
   softmax in float32."""
@@ -102,8 +131,11 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     qkv = _dense(3 * d, self.dtype, 'qkv')(x).reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim ** -0.5, k)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    # Logits accumulated and kept in float32: rounded to bfloat16 they would reach the
+    # float32 softmax with three significant digits.
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim ** -0.5, k,
+                        preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, n, d)
     return _dense(d, self.dtype, 'proj')(out)
 
@@ -115,19 +147,21 @@ class Block(nn.Module):
   drop_path: float = 0.0
   layer_scale_init: float = 0.0
   dtype: Any = jnp.float32
+  axis_name: Any = None  # for the drop-path masks: see `drop_path_mask`
+  rows_per_view: int = 0
 
   def _residual(self, y, name: str, train: bool):
     if self.layer_scale_init:
       gamma = self.param(name, nn.initializers.constant(self.layer_scale_init), y.shape[-1:])
       y = y * gamma.astype(self.dtype)
-    # Stochastic depth needs a 'dropout' rng; the methods' training steps pass none, so it is
-    # off there (and in evaluation) whatever the rate: a deterministic default. A step that
-    # passes one inside shard_map must fold in the device index, or every device drops the
-    # same rows of its shard.
+    # Stochastic depth needs a 'dropout' rng: the methods pass one to their online network
+    # in training (`Method.dropout_rngs`), none to a target or teacher, and evaluation runs
+    # with train=False; without one the block is deterministic whatever the rate.
     if train and self.drop_path > 0 and self.has_rng('dropout'):
       keep = 1.0 - self.drop_path
-      mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0], 1, 1))
-      y = jnp.where(mask, y / keep, 0).astype(self.dtype)
+      mask = drop_path_mask(self.make_rng('dropout'), y.shape[0], keep, self.axis_name,
+                            self.rows_per_view)
+      y = jnp.where(mask[:, None, None], y / keep, 0).astype(self.dtype)
     return y
 
   @nn.compact
@@ -157,10 +191,18 @@ class ViT(nn.Module):
       to shrink). The class token gets a learned embedding or none (sin-cos, as MoCo v3).
     drop_path_rate: stochastic depth rising linearly from 0 in the first block to this in
       the last (timm, DINO); active only in training with a 'dropout' rng (see `Block`).
+      An example's masks depend on the rng and its place in the global batch only, so a step
+      is the same on any number of devices (`drop_path_mask`).
+    axis_name: the mesh axis (or axes) that the batch is split over inside `shard_map`
+      (None: one device), and rows_per_view: how the local batch is laid out, in blocks of
+      this many rows, one per view (0: a single block); both only place each row in the
+      global batch for its drop-path masks (`drop_path_mask`), nothing is communicated.
     layer_scale_init: initial value of LayerScale's per-channel gains (CaiT); 0: none.
     frozen_patch_embed: MoCo v3's random, frozen patch projection: no gradient reaches the
       patch embedding.
     dtype: computation dtype; parameters stay float32, LayerNorm and softmax run in float32.
+    remat: recompute each `Block`'s activations in the backward pass instead of storing them
+      (`remat.py`), except what `remat_policy` names ('' = its default).
   """
   width: int = 384
   depth: int = 12
@@ -173,6 +215,10 @@ class ViT(nn.Module):
   layer_scale_init: float = 0.0
   frozen_patch_embed: bool = False
   dtype: Any = jnp.float32
+  axis_name: Any = None
+  rows_per_view: int = 0
+  remat: bool = False
+  remat_policy: str = ''
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -188,10 +234,9 @@ class ViT(nn.Module):
                 kernel_init=nn.initializers.lecun_normal(), name='patch_embed')(
                     x.astype(self.dtype))
     if self.frozen_patch_embed:
-      # TODO: weight decay still shrinks the frozen kernel (optim.decay_mask decays every
-      # parameter of more than one dimension, and decay needs no gradient); MoCo v3 excludes
-      # it from the optimizer. Mask 'encoder/patch_embed' out in optim.py, or declare it in
-      # the method's `frozen_steps` for the whole run.
+      # No gradient; and since weight decay needs none, the optimizer leaves the kernel out
+      # too, as MoCo v3's requires_grad=False does (`models.frozen_parameters`, declared by
+      # `Method.frozen_steps`, applied by `optim.make_optimizer`).
       x = jax.lax.stop_gradient(x)
     b, grid_h, grid_w, d = x.shape
     x = x.reshape(b, grid_h * grid_w, d)
@@ -212,9 +257,13 @@ class ViT(nn.Module):
                               sincos_2d_position_embedding(grid_h, grid_w, d)])[None]
     x = x + jnp.asarray(table).astype(self.dtype)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    # `train` is passed positionally and static (self is 0): the block branches on it. The
+    # blocks keep their names (block_i) with or without remat.
+    block = remat_lib.remat(Block, self.remat_policy, (2,)) if self.remat else Block
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, drop_path=float(rates[i]),
+      x = block(self.num_heads, self.mlp_ratio, drop_path=float(rates[i]),
                 layer_scale_init=self.layer_scale_init, dtype=self.dtype,
+                axis_name=self.axis_name, rows_per_view=self.rows_per_view,
                 name=f'block_{i}')(x, train)
     if self.pool == 'cls':
       x = _layer_norm('norm')(x[:, 0])  # LayerNorm is per token: the others are not needed
