@@ -56,11 +56,11 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
       # One backward pass for both: the probe's features are stop-gradient'ed, so the sum's
       # gradient is the method's for the encoder and the probe's for the classifier.
       loss = loss + probe_loss
-    _, _, stats_specs, _, state_specs_ = specs
+    _, _, stats_specs, _, method_specs = specs
     metrics, loss = sharding.keep_own_slice((metrics, loss), sharding.replicated_specs(
         (metrics, loss)))
     new_stats = sharding.keep_own_slice(new_stats, stats_specs)
-    new_state = sharding.keep_own_slice(new_state, state_specs_)
+    new_state = sharding.keep_own_slice(new_state, method_specs)
     return loss, (metrics, new_stats, new_state)
 
   def sharded_loss(state, *args):
