@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 256                  # global batch, over all devices and hosts
+  # > 1: the exact gradient of the whole batch's loss with the activations of one of this many
+  # micro-batches in memory at a time (ssl_jax/microbatch.py; README, "Large batches").
+  c.microbatches = 1
   c.num_epochs = 1.0
   c.total_steps = 0                   # > 0 overrides num_epochs
   c.log_every_steps = 50
@@ -71,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   # still saved ('' = the default chosen by measurement, models/remat.py).
   c.model.remat = False
   c.model.remat_policy = ''
+  # The projector and predictor MLPs' normalisation: 'batch' (BatchNorm, as the papers) or
+  # 'layer' (LayerNorm, no batch statistics: with a ViT, microbatches > 1 is then exact).
+  c.model.head_norm = 'batch'
 
   # The device mesh: ('data', 'fsdp'). The batch is split over all devices; parameters,
   # optimizer state and target networks are split over the fsdp axis (1 = replicated, plain
@@ -257,7 +263,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   # Imported here: the registries import jax/flax, which config files should not need.
   from ssl_jax import methods, models, optim
   from ssl_jax.data import sources
-  from ssl_jax.models import remat, vit
+  from ssl_jax.models import heads, remat, vit
 
   problems = []
 
@@ -299,6 +305,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   check(m.get('vit_pos_embed', 'learned') in vit.POS_EMBEDS,
         f'model.vit_pos_embed={m.get("vit_pos_embed")!r} is unknown; known: {vit.POS_EMBEDS}.')
   problems.extend(remat.validate(m))
+  check(m.get('head_norm', 'batch') in heads.NORMS,
+        f'model.head_norm={m.get("head_norm")!r} is unknown; known: {heads.NORMS}.')
+  k = config.get('microbatches', 1)
+  check(k >= 1, f'microbatches must be >= 1 (1: the whole batch at once), got {k}.')
+  check(k < 1 or b <= 0 or b % num_devices or (b // num_devices) % k == 0,
+        f'microbatches={k} must divide the {b // max(num_devices, 1)} rows that each of the '
+        f'{num_devices} devices holds (batch_size / devices): set batch_size to a multiple of '
+        f'{num_devices * k}, or microbatches to a divisor of {b // max(num_devices, 1)}.')
   check(0 <= m.get('drop_path_rate', 0.0) < 1,
         f'model.drop_path_rate must be in [0, 1), got {m.get("drop_path_rate")}.')
   if models.is_vit(m.name) and patch > 0:

@@ -83,14 +83,14 @@ def keep_own_slice(tree, specs):
       size = x.shape[dim] // jax.lax.axis_size(FSDP_AXIS)
       start = jax.lax.axis_index(FSDP_AXIS) * size
       return jax.lax.dynamic_slice_in_dim(x, start, size, axis=dim)
-    if FSDP_AXIS not in _varying_axes(x):
+    if FSDP_AXIS not in varying_axes(x):
       return x
     first = jax.lax.axis_index(FSDP_AXIS) == 0
     return jax.lax.psum(jnp.where(first, x, jnp.zeros_like(x)), FSDP_AXIS)
   return jax.tree.map(own, specs, tree, is_leaf=_is_spec)
 
 
-def _varying_axes(x) -> frozenset:
+def varying_axes(x) -> frozenset:
   """The mesh axes over which shard_map types `x` as varying (jax >= 0.9 keeps them in the
   aval's `mat`, earlier versions in `vma`)."""
   aval = jax.typeof(x)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import parallel, sharding
+from ssl_jax import microbatch, parallel, sharding
 from ssl_jax.data import augment
 from ssl_jax.models import remat
 
@@ -34,9 +34,16 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
   the state. `images` is the uint8 batch as stored (views are cropped on the devices) or a
   tuple of uint8 views cropped on the host, one per view (`data.host_crop`). With an
   `OnlineProbe`, the labels train it on the encoder's frozen features. `state_specs`: the
-  TrainState's PartitionSpecs (`sharding.tree_specs`; None: all replicated)."""
+  TrainState's PartitionSpecs (`sharding.tree_specs`; None: all replicated).
+
+  With `config.microbatches` = K > 1 the method's loss and its gradient are computed by the
+  cached-embedding scheme (`microbatch.cached_loss`), K micro-batches of each device's rows
+  at a time, and so are the probe's features."""
   axis = parallel.batch_axes(mesh)
   view_cfgs = augment.view_configs(augment_cfg, method.num_views)
+  num_microbatches = method.config.get('microbatches', 1)
+  method_loss = (method.loss if num_microbatches == 1
+                 else microbatch.cached_loss(method, num_microbatches))
 
   def device_loss(specs, params, probe_params, batch_stats, target_params, method_state,
                   images, labels, aug_rng, loss_rng, step):
@@ -44,12 +51,15 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
         (params, probe_params, batch_stats, target_params, method_state), specs)
     first_row = parallel.global_row_offset(_batch_rows(images), axis)
     views = augment.augment_views(aug_rng, images, view_cfgs, first_row)
-    loss, (metrics, new_stats, new_state) = method.loss(
+    loss, (metrics, new_stats, new_state) = method_loss(
         params, batch_stats, target_params, method_state, views, loss_rng, step, axis)
     metrics = dict(metrics, loss=loss)
     if probe is not None:
-      # Inference-mode features of the first view: what the frozen encoder will give.
-      features = method.encode(params, batch_stats, views[0])
+      # Inference-mode features of the first view: what the frozen encoder will give. No
+      # gradient reaches the encoder through them (the probe stops it too).
+      frozen = jax.lax.stop_gradient(params)
+      features = microbatch.map_rows(lambda v: method.encode(frozen, batch_stats, v), views[0],
+                                     num_microbatches)
       probe_loss, probe_acc = probe.loss(probe_params, features, labels, axis)
       metrics.update(online_probe_loss=jax.lax.stop_gradient(probe_loss),
                      online_probe_acc=probe_acc)

@@ -40,7 +40,7 @@ from ssl_jax import parallel
 from ssl_jax.losses.info_nce import info_nce_with_negatives, l2_normalize
 from ssl_jax.methods.base import Method
 from ssl_jax.methods.common import (EncoderWithProjector, concatenated_views,
-                                    encoder_with_projector)
+                                    encoder_with_projector, split_views)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,30 +85,42 @@ class AdCo(Method):
     }
     return params, batch_stats, state
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del step
-    m = self.config.method
-    n = views[0].shape[0]
-    net = self.network(axis_name)
-    if m.symmetric:
-      query_images = key_images = jnp.concatenate(views[:2], axis=0)
-    else:
-      query_images, key_images = views[0], views[1]
-    (_, zq), updates = concatenated_views(net, n).apply(
-        {'params': params, 'batch_stats': batch_stats}, query_images, train=True,
-        mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
+  def _views(self, views, queries: bool) -> list:
+    """The views the query (or key) encoder sees: both if symmetric, else view 1 (view 2)."""
+    if self.config.method.symmetric:
+      return list(views[:2])
+    return [views[0] if queries else views[1]]
+
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
+    query_views = self._views(views, queries=True)
+    (_, zq), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
+                                          first_row).apply(
+        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(query_views, axis=0),
+        train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
+    return {'q': split_views(l2_normalize(zq), len(query_views))}, updates['batch_stats']
+
+  def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
+                     first_row):
+    del method_state, rng, first_row  # no drop path in the key encoder
+    key_views = self._views(views, queries=False)
     # The key encoder's BatchNorm uses this batch's statistics; its running averages are
     # never used (only the query encoder is evaluated), so its updates are dropped.
-    (_, zk), _ = net.apply({'params': target_params, 'batch_stats': batch_stats}, key_images,
-                           train=True, mutable=['batch_stats'])
-    q = l2_normalize(zq)
-    k = jax.lax.stop_gradient(l2_normalize(zk))
+    (_, zk), _ = self.network(axis_name).apply(
+        {'params': target_params, 'batch_stats': batch_stats},
+        jnp.concatenate(key_views, axis=0), train=True, mutable=['batch_stats'])
+    return {'k': split_views(l2_normalize(zk), len(key_views))}, {}
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, target_stats, rng, step
+    m = self.config.method
+    q, k = outputs['q'], targets['k']
     if m.symmetric:
-      pairs = [(q[:n], k[n:]), (q[n:], k[:n])]
-      view2_keys = k[n:]
+      pairs = [(q[0], k[1]), (q[1], k[0])]
+      view2_keys = k[1]
     else:
-      pairs = [(q, k)]
-      view2_keys = k
+      pairs = [(q[0], k[0])]
+      view2_keys = k[0]
 
     def contrastive(bank, pairs, temperature):
       results = [info_nce_with_negatives(qi, ki, bank, temperature, axis_name)
@@ -125,7 +137,7 @@ class AdCo(Method):
                                   parallel.gather_rows_replicated(view2_keys, axis_name))
     metrics = dict(metrics, memory_loss=jax.lax.stop_gradient(memory_loss),
                    bank_filled=method_state['filled'] / m.queue_size)
-    return loss, (metrics, updates['batch_stats'], new_state)
+    return loss, (metrics, new_state)
 
   def _update_bank(self, state, bank_grad, keys):
     """One adversarial step once the bank is full; until then, appends `keys` [N, d]."""

@@ -39,14 +39,18 @@ class BarlowTwins(Method):
     # rounding) and it stays at its initial zero.
     return encoder_with_projector(self.config, axis_name, last_bn=False)
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, step  # deterministic given the views and rng, no schedules
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                         views[:2], rng)
-    (_, z1), (_, z2) = outputs
+                                         views[:2], rng, first_row)
+    return {'z': [z for _, z in outputs]}, batch_stats
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, targets, target_stats, rng, step  # deterministic, no schedules
+    z1, z2 = outputs['z']
     m = self.config.method
     loss, metrics = barlow_twins_loss(z1, z2, m.redundancy_weight, axis_name)
     metrics = dict(metrics, barlow_twins_loss=jax.lax.stop_gradient(loss))
     # The scale sets the effective learning rate of biases and BatchNorm parameters (LARS
     # leaves the weights' step unchanged when the decay is scaled alike): configs/barlow_twins.py.
-    return m.get('loss_scale', 1.0) * loss, (metrics, batch_stats, method_state)
+    return m.get('loss_scale', 1.0) * loss, (metrics, method_state)

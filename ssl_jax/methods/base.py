@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ssl_jax import models, optim
+from ssl_jax import models, optim, parallel
 
 Params = Any
 Metrics = dict[str, jnp.ndarray]
@@ -67,10 +67,45 @@ class Method:
   target_momentum_schedule: ClassVar[str] = 'cosine'
 
   # --- What every method writes. ---
+  #
+  # The loss comes in two parts, the networks (`forward`, `target_forward`) and the objective
+  # on their per-example outputs (`objective`): `loss` composes them, and the cached-embedding
+  # gradient (`ssl_jax.microbatch`, `config.microbatches`) runs the networks one micro-batch
+  # at a time and the objective once on the whole batch.
 
   def network(self, axis_name: str | None = None) -> nn.Module:
     """The online network. Its `encode(x)` method gives the frozen-encoder features;
     BatchNorm layers synchronise over `axis_name` (None: local)."""
+    raise NotImplementedError
+
+  def forward(self, params, batch_stats, views: list[jnp.ndarray], rng, axis_name,
+              first_row) -> tuple[Params, Params]:
+    """The online network in training mode on this device's rows of every view: (outputs,
+    new batch_stats). `outputs` is a pytree of per-example arrays, each with the rows of one
+    view as its leading axis (a method that forwards views concatenated splits them again),
+    so that the outputs of consecutive row blocks concatenate into those of the whole batch.
+    `first_row` is the index in the global batch of these rows' first example (each view
+    holds the same examples): drop-path masks and other per-example randomness are keyed by
+    it (`concatenated_views`, `forward_views`). `rng` is the loss's (`dropout_rngs`)."""
+    raise NotImplementedError
+
+  def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
+                     first_row) -> tuple[Params, Params]:
+    """The networks that get no gradient (momentum encoders, teachers) on the same rows:
+    (per-example outputs as `forward`'s, running statistics they update, {} for none; DINO's
+    teacher keeps its own). The outputs reach `objective` through a stop-gradient. Default:
+    none."""
+    del target_params, batch_stats, method_state, views, rng, axis_name, first_row
+    return {}, {}
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name) -> tuple[jnp.ndarray, tuple[Metrics, Any]]:
+    """The loss of the whole global batch from the per-example outputs of this device's rows
+    (`forward`'s and `target_forward`'s, and the latter's running statistics): (loss, (metrics,
+    new method_state)), the loss identical on every device, every cross-device reduction
+    naming `axis_name`, the new method_state identical on every device. It reads `params`
+    only for what is not per-example (SwAV's prototypes); `step` is the optimizer step (a
+    traced int32) for schedules."""
     raise NotImplementedError
 
   def loss(self, params, batch_stats, target_params, method_state, views: list[jnp.ndarray],
@@ -82,7 +117,21 @@ class Method:
     on every device) and (metrics, new batch_stats, new method_state); every cross-device
     reduction names `axis_name`, and the new method_state must be identical on every device.
     """
-    raise NotImplementedError
+    first_row = parallel.global_row_offset(views[0].shape[0], axis_name)
+    outputs, new_batch_stats = self.forward(params, batch_stats, views, rng, axis_name,
+                                            first_row)
+    targets, target_stats = self.target_forward(target_params, batch_stats, method_state,
+                                                views, rng, axis_name, first_row)
+    loss, (metrics, new_state) = self.objective(
+        params, method_state, outputs, jax.lax.stop_gradient(targets), target_stats, rng, step,
+        axis_name)
+    return loss, (metrics, new_batch_stats, new_state)
+
+  @classmethod
+  def splits_its_loss(cls) -> bool:
+    """Whether the loss is written as networks and objective (`forward`, `objective`), which
+    the cached-embedding gradient needs; a method that overrides `loss` alone is not."""
+    return cls.forward is not Method.forward and cls.objective is not Method.objective
 
   # --- Defaults, overridden where a method differs. ---
 
@@ -99,6 +148,10 @@ class Method:
       if m is None or not 0.0 <= m <= 1.0:
         problems.append(f'method.target_momentum={m} must be in [0, 1] (the momentum of the '
                         'target network; 1 freezes it).')
+    if config.get('microbatches', 1) > 1 and not cls.splits_its_loss():
+      problems.append(f'{config.method.name} computes its loss in one piece (it overrides '
+                      '`loss` only), so it cannot run micro-batched: set microbatches = 1, or '
+                      'write its loss as `forward` and `objective` (methods/base.py).')
     return problems + cls.method_problems(config)
 
   @classmethod

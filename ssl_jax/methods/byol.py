@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from ssl_jax.losses import regression
@@ -50,15 +49,24 @@ class BYOL(Method):
         encoder=build_encoder(self.config.model, axis_name),
         projector=self._mlp(self.config.method.projector_hidden_dim, axis_name))
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del step  # deterministic given the views and rng (drop path); tau lives in the trainer.
-    outputs, new_batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                             views, rng)
-    p1, p2 = (p for _, p in outputs)
-    target_stats = {k: batch_stats[k] for k in self.target_networks if k in batch_stats}
-    target_outputs, _ = forward_views(self.target_network(axis_name), target_params,
-                                      target_stats, views)
-    z1, z2 = (jax.lax.stop_gradient(z) for _, z in target_outputs)
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
+    outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats, views,
+                                         rng, first_row)
+    return {'p': [p for _, p in outputs]}, batch_stats
+
+  def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
+                     first_row):
+    del method_state, rng  # the target gets no dropout rng: no drop path
+    placeholder_stats = {k: batch_stats[k] for k in self.target_networks if k in batch_stats}
+    outputs, _ = forward_views(self.target_network(axis_name), target_params,
+                               placeholder_stats, views, first_row=first_row)
+    return {'z': [z for _, z in outputs]}, {}
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, target_stats, rng, step  # tau lives in the trainer
+    p1, p2 = outputs['p']
+    z1, z2 = targets['z']
     # Eq. 2 and its symmetrised twin (view roles swapped); the paper's total loss is the sum.
     loss_12, m_12 = regression.normalized_regression(p1, z2, axis_name)
     loss_21, m_21 = regression.normalized_regression(p2, z1, axis_name)
@@ -66,4 +74,4 @@ class BYOL(Method):
         'cosine': (m_12['cosine'] + m_21['cosine']) / 2,
         'target_spread': regression.embedding_spread(jnp.concatenate([z1, z2]), axis_name),
     }
-    return loss_12 + loss_21, (metrics, new_batch_stats, method_state)
+    return loss_12 + loss_21, (metrics, method_state)

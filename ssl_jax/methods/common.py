@@ -47,9 +47,10 @@ class EncoderProjectorPredictor(nn.Module):
 def mlp(model_config, hidden_dim: int, output_dim: int, axis_name: str | None,
         num_layers: int = 2, last_bn: bool = False) -> ProjectionMLP:
   """A projector or predictor MLP (BatchNorm in its hidden layers, synchronised over
-  `axis_name`) in the model's compute dtype."""
+  `axis_name`, or LayerNorm: `model.head_norm`) in the model's compute dtype."""
   return ProjectionMLP(hidden_dim=hidden_dim, output_dim=output_dim, num_layers=num_layers,
-                       last_bn=last_bn, axis_name=axis_name, dtype=DTYPES[model_config.dtype])
+                       last_bn=last_bn, axis_name=axis_name, dtype=DTYPES[model_config.dtype],
+                       norm=model_config.get('head_norm', 'batch'))
 
 
 def projector(config, axis_name: str | None, last_bn: bool | None = None) -> ProjectionMLP:
@@ -67,7 +68,7 @@ def encoder_with_projector(config, axis_name: str | None,
                               projector=projector(config, axis_name, last_bn))
 
 
-def forward_views(network: nn.Module, params, batch_stats, views, rng=None):
+def forward_views(network: nn.Module, params, batch_stats, views, rng=None, first_row=None):
   """Each view through `network` in training mode, one after the other, as the reference
   implementations of BYOL, SimSiam, MoCo, Barlow Twins and VICReg do: every BatchNorm then
   normalises a view with that view's own (global-batch) statistics, and the running averages
@@ -75,33 +76,43 @@ def forward_views(network: nn.Module, params, batch_stats, views, rng=None):
   all views.
 
   `rng`: the loss's, for the online network: view v's forward gets the dropout rngs of call v
-  (`Method.dropout_rngs`); None (target networks): no dropout rng, so no drop path."""
+  (`Method.dropout_rngs`); None (target networks): no dropout rng, so no drop path.
+  `first_row`: the global index of the views' first example (`Method.forward`; None: this
+  device's first row of the whole batch)."""
   outputs = []
   for v, view in enumerate(views):
-    out, updates = network.apply({'params': params, 'batch_stats': batch_stats}, view,
-                                 train=True, mutable=['batch_stats'],
-                                 rngs=Method.dropout_rngs(rng, v))
+    out, updates = concatenated_views(network, view.shape[0], first_row).apply(
+        {'params': params, 'batch_stats': batch_stats}, view, train=True,
+        mutable=['batch_stats'], rngs=Method.dropout_rngs(rng, v))
     batch_stats = updates['batch_stats']
     outputs.append(out)
   return outputs, batch_stats
 
 
-def concatenated_views(network: nn.Module, rows_per_view: int) -> nn.Module:
+def concatenated_views(network: nn.Module, rows_per_view: int, first_row=None) -> nn.Module:
   """`network` for a batch of views concatenated along the rows, `rows_per_view` rows each
-  (this device's rows of each view): every submodule with a `rows_per_view` attribute (the
-  ViT) is told so, for its drop-path masks to follow each example's place in the global
-  batch (`models.vit.drop_path_mask`) rather than its row in the concatenation. Modules
-  without one are returned as they are."""
+  (this call's rows of each view), whose first example has index `first_row` in the global
+  batch (None: this device's first row, `parallel.global_row_offset`): every submodule with
+  a `rows_per_view` attribute (the ViT) is told both, for its drop-path masks to follow each
+  example's place in the global batch (`models.vit.drop_path_mask`) rather than its row in
+  the concatenation or in a micro-batch. Modules without one are returned as they are."""
   updates = {}
   for field in dataclasses.fields(network):
     value = getattr(network, field.name, None)
     if field.name == 'rows_per_view':
-      updates[field.name] = rows_per_view
+      updates.update(rows_per_view=rows_per_view, first_row=first_row)
     elif field.name != 'parent' and isinstance(value, nn.Module):
-      told = concatenated_views(value, rows_per_view)
+      told = concatenated_views(value, rows_per_view, first_row)
       if told is not value:
         updates[field.name] = told
   return network.clone(**updates) if updates else network
+
+
+def split_views(x, num_views: int) -> list:
+  """The per-view blocks of rows of an output computed on views concatenated along the rows
+  (the layout `Method.forward`'s outputs take)."""
+  n = x.shape[0] // num_views
+  return [x[v * n:(v + 1) * n] for v in range(num_views)]
 
 
 def mean_metrics(metrics: list[dict]) -> dict:

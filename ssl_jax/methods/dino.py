@@ -34,7 +34,7 @@ import optax
 
 from ssl_jax.losses import dino as dino_loss
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import concatenated_views
+from ssl_jax.methods.common import concatenated_views, split_views
 from ssl_jax.models import DTYPES, build_encoder
 from ssl_jax.models.dino_head import DINOHead
 
@@ -113,35 +113,40 @@ class DINO(Method):
                                  end_value=m.teacher_temperature,
                                  transition_steps=warmup)(step)
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    m = self.config.method
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     g = self.num_views
-    n = views[0].shape[0]
-    # The head's last layer is frozen in the optimizer (`frozen_steps`), not here.
-
-    network = self.network(axis_name)
-    global_crops = jnp.concatenate(views[:g], axis=0)
     local_crops = jnp.concatenate(views[g:], axis=0) if len(views) > g else None
     # Drop path in the student only: the teacher gets no dropout rng (the reference's
     # teacher is built with drop_path_rate 0).
-    student, updates = concatenated_views(network, n).apply(
-        {'params': params, 'batch_stats': batch_stats}, global_crops, local_crops, train=True,
-        mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    teacher, teacher_updates = network.apply(
-        {'params': target_params, 'batch_stats': method_state['teacher_batch_stats']},
-        global_crops, train=True, mutable=['batch_stats'])
-    teacher = jax.lax.stop_gradient(teacher)
-    student = [student[v * n:(v + 1) * n] for v in range(len(views))]
-    teacher = [teacher[v * n:(v + 1) * n] for v in range(g)]
+    student, updates = concatenated_views(self.network(axis_name), views[0].shape[0],
+                                          first_row).apply(
+        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:g], axis=0),
+        local_crops, train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
+    return {'student': split_views(student, len(views))}, updates['batch_stats']
 
+  def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
+                     first_row):
+    """The teacher on the global crops, with its own running statistics."""
+    del batch_stats, rng, first_row
+    g = self.num_views
+    teacher, updates = self.network(axis_name).apply(
+        {'params': target_params, 'batch_stats': method_state['teacher_batch_stats']},
+        jnp.concatenate(views[:g], axis=0), train=True, mutable=['batch_stats'])
+    return {'teacher': split_views(teacher, g)}, updates['batch_stats']
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, rng
+    # The head's last layer is frozen in the optimizer (`frozen_steps`), not here.
+    m = self.config.method
+    student, teacher = outputs['student'], targets['teacher']
     center = method_state['center']
     tau_t = self.teacher_temperature(step)
     loss, metrics = dino_loss.self_distillation(student, teacher, center,
                                                 m.student_temperature, tau_t, axis_name)
     new_center = dino_loss.update_center(center, teacher, m.center_momentum, axis_name)
     metrics = dict(metrics, teacher_temperature=tau_t)
-    return loss, (metrics, updates['batch_stats'],
-                  {'center': new_center, 'teacher_batch_stats': teacher_updates['batch_stats']})
+    return loss, (metrics, {'center': new_center, 'teacher_batch_stats': target_stats})
 
   def evaluation_variables(self, params, batch_stats, target_params, method_state):
     del params, batch_stats  # the student's

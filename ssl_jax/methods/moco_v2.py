@@ -74,7 +74,7 @@ class MLPHead(nn.Module):
 
 
 def apply_in_groups(network: nn.Module, params, batch_stats, images, group_size: int,
-                    groups_per_block: int, rng, axis_name: str | None):
+                    groups_per_block: int, rng, axis_name: str | None, first_row=None):
   """`network` in training mode with BatchNorm over fixed groups of `group_size` rows: a
   shuffled BN (He et al. 2020, Sec. 3.3) that, unlike per-device BN, does not depend on the
   number of devices.
@@ -86,7 +86,8 @@ def apply_in_groups(network: nn.Module, params, batch_stats, images, group_size:
   keys: like the paper's shuffle across GPUs), so a key is normalised with statistics that
   share about 1 / groups_per_block of the images of its query's group (the paper's 8 GPUs:
   1/8). Each device holds whole blocks, so this needs no communication and gives the same
-  result for any device count. `network` must be built without a mesh axis (BN local to
+  result for any device count (and any micro-batching into whole blocks: `first_row`, the
+  global index of the first row, None for this device's first, places the blocks). `network` must be built without a mesh axis (BN local to
   the group, which vmap provides). Returns (outputs in input order, running statistics
   updated with the mean of all groups' statistics over the global batch).
   """
@@ -95,12 +96,14 @@ def apply_in_groups(network: nn.Module, params, batch_stats, images, group_size:
   if n % block:
     raise ValueError(f'Shuffled BN needs whole blocks of {block} rows '
                      f'(method.shuffle_bn_group_size * method.shuffle_bn_groups) on every '
-                     f'device, but a device holds {n} rows: make batch_size / devices a '
-                     f'multiple of {block}.')
+                     f'device and micro-batch, but one holds {n} rows: make batch_size / '
+                     f'(devices x microbatches) a multiple of {block}.')
   num_blocks = n // block
   blocks = images.reshape((num_blocks, block) + images.shape[1:])
   if rng is not None:
-    block_ids = parallel.global_row_offset(num_blocks, axis_name) + jnp.arange(num_blocks)
+    if first_row is None:
+      first_row = parallel.global_row_offset(n, axis_name)
+    block_ids = first_row // block + jnp.arange(num_blocks)
     perms = jax.vmap(lambda b: jax.random.permutation(jax.random.fold_in(rng, b), block))(
         block_ids)
     blocks = jax.vmap(lambda x, p: x[p])(blocks, perms)
@@ -149,11 +152,13 @@ class MoCoV2(Method):
           '(the paper: 65536).')
     if m.shuffle_bn_group_size:
       block = m.shuffle_bn_group_size * m.shuffle_bn_groups
-      if m.shuffle_bn_groups < 2 or config.batch_size % block:
+      k = config.get('microbatches', 1)
+      if m.shuffle_bn_groups < 2 or config.batch_size % (block * k):
         problems.append(
             f'Shuffled BN (method.shuffle_bn_group_size={m.shuffle_bn_group_size}) needs '
             f'method.shuffle_bn_groups >= 2 and batch_size a multiple of group size x groups '
-            f'= {block} (per device, too), e.g. group size 32 and 8 groups for batch 256.')
+            f'= {block} (per device and micro-batch, too: x microbatches={k}), e.g. group '
+            'size 32 and 8 groups for batch 256.')
     return problems
 
   def init(self, rng, images):
@@ -163,7 +168,7 @@ class MoCoV2(Method):
     return params, batch_stats, queue_lib.init_queue(queue_rng, m.queue_size,
                                                      m.projector_output_dim)
 
-  def _embed(self, params, batch_stats, views, rng, axis_name, shuffle: bool):
+  def _embed(self, params, batch_stats, views, rng, axis_name, first_row, shuffle: bool):
     """Projections of each view and the running statistics after them: per view, with BN
     synchronised over the global batch, or over `apply_in_groups`'s fixed-size groups (the
     keys' groups shuffled)."""
@@ -171,7 +176,7 @@ class MoCoV2(Method):
     if not m.shuffle_bn_group_size:
       # The queries' (online) forward gets the rng for drop path, the keys' none.
       outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats, views,
-                                           None if shuffle else rng)
+                                           None if shuffle else rng, first_row)
       return [z for _, z in outputs], batch_stats
     # BN per group, local to a device: the network is built without a mesh axis (and without
     # a dropout rng, so no drop path: a group does not know its rows' global indices).
@@ -179,25 +184,36 @@ class MoCoV2(Method):
     for i, view in enumerate(views):
       (_, z), batch_stats = apply_in_groups(
           self.network(None), params, batch_stats, view, m.shuffle_bn_group_size,
-          m.shuffle_bn_groups, jax.random.fold_in(rng, i) if shuffle else None, axis_name)
+          m.shuffle_bn_groups, jax.random.fold_in(rng, i) if shuffle else None, axis_name,
+          first_row)
       zs.append(z)
     return zs, batch_stats
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del step  # m is constant and applied by the trainer
-    m = self.config.method
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     # Query i is matched with key i: q(view 1) with k(view 2), and if symmetric also
     # q(view 2) with k(view 1).
-    query_views = list(views[:2]) if m.symmetric else [views[0]]
-    key_views = [views[1], views[0]] if m.symmetric else [views[1]]
-    queries, new_batch_stats = self._embed(params, batch_stats, query_views, rng, axis_name,
-                                           shuffle=False)
-    keys, _ = self._embed(target_params, batch_stats, key_views, rng, axis_name, shuffle=True)
-    keys = [jax.lax.stop_gradient(l2_normalize(k)) for k in keys]
+    query_views = list(views[:2]) if self.config.method.symmetric else [views[0]]
+    queries, batch_stats = self._embed(params, batch_stats, query_views, rng, axis_name,
+                                       first_row, shuffle=False)
+    return {'q': queries}, batch_stats
+
+  def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
+                     first_row):
+    del method_state
+    key_views = [views[1], views[0]] if self.config.method.symmetric else [views[1]]
+    keys, _ = self._embed(target_params, batch_stats, key_views, rng, axis_name, first_row,
+                          shuffle=True)
+    return {'k': [l2_normalize(k) for k in keys]}, {}
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, target_stats, rng, step  # m is constant and applied by the trainer
+    m = self.config.method
+    queries, keys = outputs['q'], targets['k']
     terms = [queue_info_nce(q, k, method_state['queue'], m.temperature, axis_name)
              for q, k in zip(queries, keys)]
     loss = sum(t[0] for t in terms) / len(terms)
     metrics = mean_metrics([t[1] for t in terms])
     # The queue takes the view-2 keys after the loss has used the old queue (Algorithm 1).
     new_state = queue_lib.enqueue(method_state, keys[0], axis_name)
-    return loss, (metrics, new_batch_stats, new_state)
+    return loss, (metrics, new_state)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 
 from ssl_jax.losses.moco import batch_info_nce
 from ssl_jax.methods.base import Method
@@ -47,19 +46,28 @@ class MoCoV3(Method):
     return EncoderWithProjector(encoder=build_encoder(self.config.model, axis_name),
                                 projector=projector(self.config, axis_name))
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del step  # deterministic given the views and rng (drop path); m is applied by the trainer
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
+    outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats,
+                                         views[:2], rng, first_row)
+    return {'q': [q for _, q in outputs]}, batch_stats
+
+  def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
+                     first_row):
+    del method_state, rng  # the momentum encoder gets no dropout rng: no drop path
+    placeholder_stats = {k: batch_stats[k] for k in self.target_networks if k in batch_stats}
+    outputs, _ = forward_views(self.target_network(axis_name), target_params,
+                               placeholder_stats, views[:2], first_row=first_row)
+    return {'k': [k for _, k in outputs]}, {}
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, target_stats, rng, step  # m is applied by the trainer
     tau = self.config.method.temperature
-    outputs, new_batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                             views[:2], rng)
-    q1, q2 = (p for _, p in outputs)
-    momentum_stats = {k: batch_stats[k] for k in self.target_networks if k in batch_stats}
-    key_outputs, _ = forward_views(self.target_network(axis_name), target_params,
-                                   momentum_stats, views[:2])
-    k1, k2 = (jax.lax.stop_gradient(k) for _, k in key_outputs)
+    q1, q2 = outputs['q']
+    k1, k2 = targets['k']
     loss_12, metrics_12 = batch_info_nce(q1, k2, tau, axis_name)
     loss_21, metrics_21 = batch_info_nce(q2, k1, tau, axis_name)
     # The 2 tau factor (Algorithm 1) cancels the 1 / tau in the logits' gradient, so changing
     # tau does not rescale the step the optimizer takes.
     loss = 2.0 * tau * (loss_12 + loss_21)
-    return loss, (mean_metrics([metrics_12, metrics_21]), new_batch_stats, method_state)
+    return loss, (mean_metrics([metrics_12, metrics_21]), method_state)

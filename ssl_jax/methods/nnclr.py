@@ -33,7 +33,7 @@ from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.losses.moco import batch_info_nce
 from ssl_jax.methods.base import Method
 from ssl_jax.methods.common import (EncoderProjectorPredictor, concatenated_views,
-                                    mean_metrics, mlp, projector)
+                                    mean_metrics, mlp, projector, split_views)
 from ssl_jax.models import build_encoder
 
 
@@ -89,13 +89,19 @@ class NNCLR(Method):
     return params, batch_stats, queue_lib.init_queue(queue_rng, m.queue_size,
                                                      m.projector_output_dim)
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, step  # no momentum network; deterministic given views and rng
-    n = views[0].shape[0]
-    (z, p), updates = concatenated_views(self.network(axis_name), n).apply(
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
+    (z, p), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
+                                         first_row).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:2], axis=0),
         train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    loss, metrics = nnclr_loss(z[:n], z[n:], p[:n], p[n:], method_state['queue'],
+    return {'z': split_views(z, 2), 'p': split_views(p, 2)}, updates['batch_stats']
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, targets, target_stats, rng, step  # no momentum network, no schedules
+    z1, z2 = outputs['z']
+    p1, p2 = outputs['p']
+    loss, metrics = nnclr_loss(z1, z2, p1, p2, method_state['queue'],
                                self.config.method.temperature, axis_name)
-    new_state = queue_lib.enqueue(method_state, l2_normalize(z[:n]), axis_name)
-    return loss, (metrics, updates['batch_stats'], new_state)
+    new_state = queue_lib.enqueue(method_state, l2_normalize(z1), axis_name)
+    return loss, (metrics, new_state)

@@ -17,7 +17,7 @@ from ssl_jax.losses.info_nce import nt_xent
 from ssl_jax.losses.negatives import debiased_nt_xent
 from ssl_jax.methods.base import Method
 from ssl_jax.methods.common import (EncoderWithProjector, concatenated_views,
-                                    encoder_with_projector)
+                                    encoder_with_projector, split_views)
 
 NEGATIVES = ('uniform', 'debiased', 'hard')
 
@@ -50,16 +50,21 @@ class SimCLR(Method):
   def network(self, axis_name: str | None = None) -> EncoderWithProjector:
     return encoder_with_projector(self.config, axis_name)
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, step  # SimCLR's loss is deterministic given the views (and rng).
-    n = views[0].shape[0]
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     # Both views go through the network as one batch, so BatchNorm normalises them with the
     # same statistics (as the reference implementation does).
-    (_, z), updates = concatenated_views(self.network(axis_name), n).apply(
+    (_, z), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
+                                         first_row).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views, axis=0),
         train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    loss, metrics = self.contrastive_loss(z[:n], z[n:], axis_name)
-    return loss, (metrics, updates['batch_stats'], method_state)
+    return {'z': split_views(z, len(views))}, updates['batch_stats']
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, targets, target_stats, rng, step  # deterministic given the projections
+    z1, z2 = outputs['z']
+    loss, metrics = self.contrastive_loss(z1, z2, axis_name)
+    return loss, (metrics, method_state)
 
   def contrastive_loss(self, z1, z2, axis_name):
     m = self.config.method

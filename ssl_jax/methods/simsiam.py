@@ -44,11 +44,16 @@ class SimSiam(Method):
               f'CIFAR); got {config.method.projector_num_layers}.']
     return []
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, step  # no target network; deterministic given the views and rng.
-    outputs, new_batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                             views, rng)
-    (z1, p1), (z2, p2) = outputs
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
+    outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats, views,
+                                         rng, first_row)
+    return {'z': [z for z, _ in outputs], 'p': [p for _, p in outputs]}, batch_stats
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, targets, target_stats, rng, step  # no target network, no schedules
+    z1, z2 = outputs['z']
+    p1, p2 = outputs['p']
     stop_gradient = self.config.method.stop_gradient
     # Eq. 2: L = D(p1, z2) / 2 + D(p2, z1) / 2.
     loss_12, m_12 = regression.negative_cosine(p1, z2, axis_name, stop_gradient)
@@ -59,4 +64,4 @@ class SimSiam(Method):
         # the loss alone does not (a collapsed network reaches the minimum, -1).
         'z_spread': regression.embedding_spread(jnp.concatenate([z1, z2]), axis_name),
     }
-    return (loss_12 + loss_21) / 2, (metrics, new_batch_stats, method_state)
+    return (loss_12 + loss_21) / 2, (metrics, method_state)

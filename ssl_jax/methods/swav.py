@@ -29,7 +29,7 @@ from ssl_jax import parallel, precision
 from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.losses.sinkhorn import sinkhorn_knopp, swapped_prediction
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import concatenated_views, mlp
+from ssl_jax.methods.common import concatenated_views, mlp, split_views
 from ssl_jax.models import build_encoder
 
 
@@ -133,19 +133,24 @@ class SwAV(Method):
     kernel = params['prototypes']['kernel']
     return {**params, 'prototypes': {'kernel': normalize_prototypes(kernel)}}
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params  # SwAV has no target network; rng only drives drop path.
-    m = self.config.method
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     g = self.num_views
-    n = views[0].shape[0]
-    # The prototypes are frozen in the optimizer (`frozen_steps`), not here.
     local_crops = jnp.concatenate(views[g:], axis=0) if len(views) > g else None
-    (z, scores), updates = concatenated_views(self.network(axis_name), n).apply(
+    (z, scores), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
+                                              first_row).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:g], axis=0),
         local_crops, train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    num_crops = len(views)
-    scores = [scores[v * n:(v + 1) * n] for v in range(num_crops)]
-    z_global = [jax.lax.stop_gradient(z[v * n:(v + 1) * n]) for v in range(g)]
+    return ({'z': split_views(z, len(views))[:g], 'scores': split_views(scores, len(views))},
+            updates['batch_stats'])
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del targets, target_stats, rng  # no target network; rng only drives drop path
+    m = self.config.method
+    g = self.num_views
+    # The prototypes are frozen in the optimizer (`frozen_steps`), not here.
+    scores = outputs['scores']
+    z_global = [jax.lax.stop_gradient(z) for z in outputs['z']]
 
     prototypes = jax.lax.stop_gradient(params['prototypes']['kernel'])
     codes = []
@@ -163,7 +168,7 @@ class SwAV(Method):
                for v in range(g)]
 
     loss, metrics = swapped_prediction(scores, codes, m.temperature, axis_name)
-    return loss, (metrics, updates['batch_stats'], new_state)
+    return loss, (metrics, new_state)
 
   def _enqueue(self, method_state, z_global, step, axis_name):
     """Newest first, as the reference's queue: the global batch's embeddings of each global

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from ssl_jax.losses.triplet import FALLBACKS, semihard_triplet
 from ssl_jax.methods.base import Method
 from ssl_jax.methods.common import (EncoderWithProjector, concatenated_views,
-                                    encoder_with_projector)
+                                    encoder_with_projector, split_views)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +33,18 @@ class Triplet(Method):
       problems.append(f'method.fallback={m.fallback!r} is unknown; use one of {FALLBACKS}.')
     return problems
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, step
-    n = views[0].shape[0]
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     # One pass over both views, so BatchNorm normalises them with the same statistics.
-    (_, z), updates = concatenated_views(self.network(axis_name), n).apply(
+    (_, z), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
+                                         first_row).apply(
         {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views, axis=0),
         train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
+    return {'z': split_views(z, len(views))}, updates['batch_stats']
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, targets, target_stats, rng, step
+    z1, z2 = outputs['z']
     m = self.config.method
-    loss, metrics = semihard_triplet(z[:n], z[n:], m.margin, m.fallback, axis_name)
-    return loss, (metrics, updates['batch_stats'], method_state)
+    loss, metrics = semihard_triplet(z1, z2, m.margin, m.fallback, axis_name)
+    return loss, (metrics, method_state)

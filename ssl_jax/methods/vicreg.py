@@ -40,12 +40,16 @@ class VICReg(Method):
     # takes differences, the others centre over the batch), so the last bias gets no gradient.
     return encoder_with_projector(self.config, axis_name, last_bn=False)
 
-  def loss(self, params, batch_stats, target_params, method_state, views, rng, step, axis_name):
-    del target_params, step  # deterministic given the views and rng, no schedules
+  def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     outputs, batch_stats = forward_views(self.network(axis_name), params, batch_stats,
-                                         views[:2], rng)
-    (_, z1), (_, z2) = outputs
+                                         views[:2], rng, first_row)
+    return {'z': [z for _, z in outputs]}, batch_stats
+
+  def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
+                axis_name):
+    del params, targets, target_stats, rng, step  # deterministic, no schedules
+    z1, z2 = outputs['z']
     m = self.config.method
     loss, metrics = vicreg_loss(z1, z2, m.invariance_weight, m.variance_weight,
                                 m.covariance_weight, m.variance_epsilon, axis_name)
-    return loss, (metrics, batch_stats, method_state)
+    return loss, (metrics, method_state)

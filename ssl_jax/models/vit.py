@@ -97,23 +97,26 @@ def resize_position_embedding(pos_embed, grid: tuple[int, int]):
 
 
 def drop_path_mask(key, rows: int, keep_prob: float, axis_name=None,
-                   rows_per_view: int = 0) -> jnp.ndarray:
-  """[rows] booleans: which of this device's rows keep a residual branch (stochastic depth).
+                   rows_per_view: int = 0, first_row=None) -> jnp.ndarray:
+  """[rows] booleans: which of these rows keep a residual branch (stochastic depth).
 
-  The local batch is read as consecutive blocks of `rows_per_view` rows (0: one block), as a
-  method concatenates its views: block v holds examples offset + 0, 1, ... of view v, where
-  offset is this device's first row in the global batch (`parallel.global_row_offset`).
+  The rows are read as consecutive blocks of `rows_per_view` rows (0: one block), as a
+  method concatenates its views: block v holds examples first_row + 0, 1, ... of view v,
+  where `first_row` is the global-batch index of the first example (None: this device's
+  first row, `parallel.global_row_offset` over `axis_name`, the batch axes inside
+  `shard_map`; a micro-batch passes its own, `ssl_jax.microbatch`).
   Example e of view v keeps the branch iff a uniform drawn from fold_in(fold_in(key, v), e)
   is below `keep_prob`. With the same `key` on every device, an example's mask depends only
-  on the key, its view and its index in the global batch, never on the device that holds it
-  or on the device count: as `augment.example_keys` for the views. Inside `shard_map`,
-  `axis_name` names the batch axes; None is one device.
+  on the key, its view and its index in the global batch, never on the device that holds it,
+  the device count or the micro-batch: as `augment.example_keys` for the views.
   """
   per_view = rows_per_view or rows
   if rows % per_view:
     raise ValueError(f'A batch of {rows} rows is not whole views of {per_view} rows.')
   row = np.arange(rows)
-  example = parallel.global_row_offset(per_view, axis_name) + row % per_view
+  if first_row is None:
+    first_row = parallel.global_row_offset(per_view, axis_name)
+  example = first_row + row % per_view
   fold = lambda view, e: jax.random.fold_in(jax.random.fold_in(key, view), e)  # noqa: E731
   keys = jax.vmap(fold)(row // per_view, example)
   return jax.vmap(jax.random.uniform)(keys) < keep_prob
@@ -149,6 +152,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   axis_name: Any = None  # for the drop-path masks: see `drop_path_mask`
   rows_per_view: int = 0
+  first_row: Any = None
 
   def _residual(self, y, name: str, train: bool):
     if self.layer_scale_init:
@@ -160,7 +164,7 @@ class Block(nn.Module):
     if train and self.drop_path > 0 and self.has_rng('dropout'):
       keep = 1.0 - self.drop_path
       mask = drop_path_mask(self.make_rng('dropout'), y.shape[0], keep, self.axis_name,
-                            self.rows_per_view)
+                            self.rows_per_view, self.first_row)
       y = jnp.where(mask[:, None, None], y / keep, 0).astype(self.dtype)
     return y
 
@@ -194,8 +198,9 @@ class ViT(nn.Module):
       An example's masks depend on the rng and its place in the global batch only, so a step
       is the same on any number of devices (`drop_path_mask`).
     axis_name: the mesh axis (or axes) that the batch is split over inside `shard_map`
-      (None: one device), and rows_per_view: how the local batch is laid out, in blocks of
-      this many rows, one per view (0: a single block); both only place each row in the
+      (None: one device), rows_per_view: how the local batch is laid out, in blocks of
+      this many rows, one per view (0: a single block), and first_row: the global index of
+      the first example (None: this device's first row); they only place each row in the
       global batch for its drop-path masks (`drop_path_mask`), nothing is communicated.
     layer_scale_init: initial value of LayerScale's per-channel gains (CaiT); 0: none.
     frozen_patch_embed: MoCo v3's random, frozen patch projection: no gradient reaches the
@@ -217,6 +222,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   axis_name: Any = None
   rows_per_view: int = 0
+  first_row: Any = None
   remat: bool = False
   remat_policy: str = ''
 
@@ -264,7 +270,7 @@ class ViT(nn.Module):
       x = block(self.num_heads, self.mlp_ratio, drop_path=float(rates[i]),
                 layer_scale_init=self.layer_scale_init, dtype=self.dtype,
                 axis_name=self.axis_name, rows_per_view=self.rows_per_view,
-                name=f'block_{i}')(x, train)
+                first_row=self.first_row, name=f'block_{i}')(x, train)
     if self.pool == 'cls':
       x = _layer_norm('norm')(x[:, 0])  # LayerNorm is per token: the others are not needed
     else:
