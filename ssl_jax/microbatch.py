@@ -66,7 +66,7 @@ def _zero_cotangent(x):
 def _varying(tree, axis_name):
   """`tree` typed as varying over every batch axis: each device's cotangent is then its own
   rows' contribution, and autodiff sums them over devices once (pcast's transpose) instead of
-  once per micro-batch."""
+  once per micro-batch (as `jax.vjp` of a replicated input would)."""
   if axis_name is None:
     return tree
   axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
@@ -103,12 +103,12 @@ def cached_loss(method, num_microbatches: int):
     return method.forward(params, inputs['batch_stats'], list(views), inputs['rng'], axis_name,
                           first_row)
 
-  def forward(axis_name, params, inputs):
+  def forward(axis_name, network_params, params, inputs):
     chunks, first_rows = microbatches(inputs, axis_name)
 
     def embed(chunk):
       views, first_row = chunk
-      outputs, stats = online(params, inputs, views, first_row, axis_name)
+      outputs, stats = online(network_params, inputs, views, first_row, axis_name)
       targets, target_stats = method.target_forward(
           inputs['target_params'], inputs['batch_stats'], inputs['method_state'], list(views),
           inputs['rng'], axis_name, first_row)
@@ -126,34 +126,36 @@ def cached_loss(method, num_microbatches: int):
     (loss, (metrics, new_state)), (grad_outputs, grad_params) = jax.value_and_grad(
         objective, argnums=(0, 1), has_aux=True)(outputs, params)
     result = loss, (metrics, _mean_over_microbatches(stats), new_state)
-    return result, (params, inputs, grad_outputs, grad_params)
+    return result, (network_params, inputs, grad_outputs, grad_params)
 
   def backward(axis_name, residuals, cotangents):
-    params, inputs, grad_outputs, grad_params = residuals
+    network_params, inputs, grad_outputs, grad_params = residuals
     chunks, first_rows = microbatches(inputs, axis_name)
     grad_chunks = jax.tree.map(lambda g: split_rows(g, k), grad_outputs)
 
     def pull_back(total, chunk):
       views, first_row, grad = chunk
-      _, vjp, _ = jax.vjp(lambda p: online(p, inputs, views, first_row, axis_name), params,
-                          has_aux=True)
+      _, vjp, _ = jax.vjp(lambda p: online(p, inputs, views, first_row, axis_name),
+                          network_params, has_aux=True)
       return jax.tree.map(jnp.add, total, vjp(grad)[0]), None
 
-    total, _ = jax.lax.scan(pull_back, grad_params, (chunks, first_rows, grad_chunks))
-    loss_cotangent = cotangents[0]
-    grads = jax.tree.map(lambda g: loss_cotangent * g, total)
-    return grads, jax.tree.map(_zero_cotangent, inputs)
+    zeros = jax.tree.map(jnp.zeros_like, network_params)
+    total, _ = jax.lax.scan(pull_back, zeros, (chunks, first_rows, grad_chunks))
+    scale = lambda tree: jax.tree.map(lambda g: cotangents[0] * g, tree)  # noqa: E731
+    return scale(total), scale(grad_params), jax.tree.map(_zero_cotangent, inputs)
 
   # The mesh axis name is static; everything else goes in as arguments, since a custom_vjp
-  # may not close over traced values.
-  loss_of = jax.custom_vjp(lambda axis_name, params, inputs: forward(axis_name, params,
-                                                                    inputs)[0],
+  # may not close over traced values. The parameters go in twice: typed varying for the
+  # networks, whose cotangents are each device's own rows' contribution (summed over devices
+  # once, by pcast's transpose), and as they are for the objective, whose value is the same
+  # on every device and whose gradient is the whole batch's already.
+  loss_of = jax.custom_vjp(lambda axis_name, *args: forward(axis_name, *args)[0],
                            nondiff_argnums=(0,))
   loss_of.defvjp(forward, backward)
 
   def loss(params, batch_stats, target_params, method_state, views, rng, step, axis_name):
     inputs = dict(batch_stats=batch_stats, target_params=target_params,
                   method_state=method_state, views=list(views), rng=rng, step=step)
-    return loss_of(axis_name, _varying(params, axis_name), inputs)
+    return loss_of(axis_name, _varying(params, axis_name), params, inputs)
 
   return loss

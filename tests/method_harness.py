@@ -4,6 +4,7 @@ short training run on Fashion-MNIST. Each method's test file calls these."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from unittest import mock
 
@@ -37,6 +38,37 @@ def shrink(config, batch_size: int = 32, crop: int = 12):
   config.eval.final_test_size = 100
   config.eval.baselines = False
   config.eval.diagnostics = config.eval.plots = False  # tests that check them turn them on
+  return config
+
+
+# Width 16, depth 2, 2 heads: a ViT that compiles in seconds (`tiny_vit_config`).
+TINY_VIT = functools.partial(models._vit, 16, 2, 2)  # pylint: disable=protected-access
+
+
+def tiny_vit_registered():
+  """A context in which model.name='vit_test' builds `TINY_VIT`."""
+  return mock.patch.dict(models.ENCODERS, {'vit_test': TINY_VIT})
+
+
+def tiny_vit_config(name: str, drop_path_rate: float = 0.0, batch_size: int = 32):
+  """configs/<name>.py with a ViT, shrunk: the tiny ViT ('vit_test', inside
+  `tiny_vit_registered`) on 16-pixel crops, small heads, two local crops for multi-crop
+  methods, no colour augmentation (compile time, and nothing the ViT tests need)."""
+  config = shrink(load_config(name, 'backbone=vit_tiny'), batch_size=batch_size, crop=16)
+  config.model.name = 'vit_test'
+  config.model.patch_size = 4
+  # Mean-pooled: see test_vit.py's train-step test (the class token at initialisation is
+  # ill-conditioned in float32 behind a BatchNorm projector).
+  config.model.vit_pool = 'gap'
+  config.model.drop_path_rate = drop_path_rate
+  m = config.method
+  for field, value in (('projector_hidden_dim', 32), ('projector_output_dim', 16),
+                       ('predictor_hidden_dim', 32), ('num_prototypes', 64)):
+    if field in m:
+      m[field] = value
+  if config.augment.num_local_crops:
+    config.augment.num_local_crops = 2
+  config.augment.jitter_prob = config.augment.grayscale_prob = config.augment.blur_prob = 0.0
   return config
 
 

@@ -6,8 +6,6 @@ says which bug it catches."""
 
 from __future__ import annotations
 
-import functools
-from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -17,40 +15,21 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import method_harness as mh
-from ssl_jax import models, parallel
+from ssl_jax import parallel
 from ssl_jax.methods import METHODS, RunLength, build_method
 from ssl_jax.models.vit import ViT, drop_path_mask
 
 BATCH = 32
-# Width 16, depth 2, 2 heads: the second block drops its branches at the full rate.
-TINY_VIT = functools.partial(models._vit, 16, 2, 2)  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope='module', autouse=True)
 def tiny_vit_registered():
-  with mock.patch.dict(models.ENCODERS, {'vit_test': TINY_VIT}):
+  with mh.tiny_vit_registered():
     yield
 
 
 def _config(name: str, drop_path_rate: float):
-  """configs/<name>.py with a ViT, shrunk: the tiny ViT on 16-pixel crops, batch 32."""
-  config = mh.shrink(mh.load_config(name, 'backbone=vit_tiny'), batch_size=BATCH, crop=16)
-  config.model.name = 'vit_test'
-  config.model.patch_size = 4
-  # Mean-pooled: see test_vit.py's train-step test (the class token at initialisation is
-  # ill-conditioned in float32 behind a BatchNorm projector).
-  config.model.vit_pool = 'gap'
-  config.model.drop_path_rate = drop_path_rate
-  m = config.method
-  for field, value in (('projector_hidden_dim', 32), ('projector_output_dim', 16),
-                       ('predictor_hidden_dim', 32), ('num_prototypes', 64)):
-    if field in m:
-      m[field] = value
-  if config.augment.num_local_crops:
-    config.augment.num_local_crops = 2
-  # Colour augmentations add compile time and nothing to what is tested here.
-  config.augment.jitter_prob = config.augment.grayscale_prob = config.augment.blur_prob = 0.0
-  return config
+  return mh.tiny_vit_config(name, drop_path_rate, BATCH)
 
 
 # ------------------------------------------------------------------------------ the mask
