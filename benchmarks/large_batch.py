@@ -12,8 +12,8 @@ Models (SimCLR, configs/simclr.py, its optimizer: LARS; no online probe):
 * resnet18: the CIFAR recipe (`configs/simclr.py:backbone=resnet18,dataset=tfds:cifar10,
   batch=B`: CIFAR stem, 32-pixel crops of 32x32x3 images) with model.width = --resnet_width
   (the first stage's channels; 64 is the paper's ResNet-18). The default, 16, is chosen so that
-  at batch 8192 the K = 1 step does not fit the default budget while some K does, and a step
-  takes a few minutes on 2 cores.
+  at batch 8192 the K = 1 step does not fit the default budget (XLA: 31.9 GiB) while K = 2
+  does (14.3 GiB), and a K = 1 step at 4096 takes about two minutes on 2 cores.
 
 Each step is built exactly as the trainer builds it (`experiment.build`, `make_train_step`)
 on one device (a one-device mesh: the real CPU, no simulated devices), with config.microbatches
@@ -27,8 +27,9 @@ compiled with `models.remat.compiler_options` (none here: remat is off). For eac
 2. where K = 1 fits, the smallest K > 1 of --ks is compiled too, to time it against K = 1;
 3. with --run (the default), the steps that fit are executed on random uint8 images
    (`parallel.global_batch_from_host`): one warm-up step, then --steps timed steps; from
-   batch 4096 up, where a step takes minutes, one step, timed, without a warm-up (compilation
-   is done beforehand, and the step's large buffers are fresh pages at every call anyway).
+   batch 4096 up, where a step takes minutes, one step, timed, without a warm-up. That first
+   call costs a little more than later ones (convnet at 4096, K = 1: 12.0 s, then 10.1 and
+   9.3 s), for every K alike, so the ratio to K = 1 stays like for like.
 
 Columns (GiB = 2^30 bytes):
 * model, batch (global = per device: one device), K (config.microbatches);
@@ -49,6 +50,13 @@ Columns (GiB = 2^30 bytes):
 * vs K=1: step s / step s of K = 1 at the same batch (where both ran): the price of K.
 Then one JSON line per row (--json) with the same figures, and the process's peak resident
 memory (ru_maxrss) at the end.
+
+On XLA:CPU (jaxlib 0.10.2) a K > 1 step is currently 18-36 times slower than K = 1, not
+the 1.2-1.4 times of one more forward pass: the cached-embedding backward pulls gradients
+back through the micro-batches in a `lax.scan`, and XLA:CPU puts convolutions into the layout
+of its fast kernel only in the entry computation, so the backward convolutions inside the
+scan's while loop fall to its naive loop emitter (benchmarks/large_batch_results.md: figures,
+a ten-line reproduction).
 
 The default budget, 22 GiB, is this machine's 23.5 GiB of RAM less 1.5 GiB for the OS, the
 Python process and the runtime's own reserve, which XLA's analysis does not count. XLA:CPU's

@@ -7,7 +7,7 @@ negative, statistics are taken over the batch), so plain gradient accumulation
 (`optax.MultiSteps`) would give each micro-batch only its own negatives: a different, weaker
 objective. With `config.microbatches` = K the step instead, on each device's rows:
   1. runs the networks (`Method.forward`, `Method.target_forward`) on K micro-batches of the
-     rows in turn (`jax.lax.map`), keeping only their per-example outputs;
+     rows in turn (`sequential`), keeping only their per-example outputs;
   2. evaluates the method's objective once, on the whole global batch from those outputs
      (gathering across devices as with K = 1), and its gradient with respect to them;
   3. runs each micro-batch's online forward again under `jax.vjp`, pulling that gradient
@@ -44,12 +44,40 @@ def merge_rows(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
+def unrolled() -> bool:
+  """Whether `sequential` unrolls its loop: on the CPU. XLA:CPU rewrites convolutions into the
+  layout of its fast kernels only in a program's top level, so inside a loop (a scan is a
+  while loop) they fall back to naive code, 20-40 times slower (benchmarks/
+  large_batch_results.md has the measurement); accelerator compilers have no such limit, and
+  a rolled loop compiles once whatever K."""
+  return jax.default_backend() == 'cpu'
+
+
+def sequential(body, carry, xs):
+  """`jax.lax.scan(body, carry, xs)`, one iteration after the other with only one iteration's
+  intermediates alive at a time. Unrolled (`unrolled`), each iteration's inputs first pass
+  through an optimization barrier together with the previous iteration's results: the
+  compiler can then neither start an iteration early (holding its activations while waiting)
+  nor merge a recomputed forward pass with an earlier identical one (common-subexpression
+  elimination would keep that one's activations alive instead)."""
+  if not unrolled():
+    return jax.lax.scan(body, carry, xs)
+  ys = []
+  for i in range(jax.tree.leaves(xs)[0].shape[0]):
+    x = jax.tree.map(lambda a: a[i], xs)  # pylint: disable=cell-var-from-loop
+    x, carry, _ = jax.lax.optimization_barrier((x, carry, ys[-1] if ys else None))
+    carry, y = body(carry, x)
+    ys.append(y)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
 def map_rows(fn, x, num_microbatches: int):
   """fn(x) computed on K micro-batches of x's rows one after the other (only one micro-batch's
   intermediates alive at a time), the per-row results concatenated as fn(x) would give them."""
   if num_microbatches == 1:
     return fn(x)
-  out = jax.lax.map(fn, jax.tree.map(lambda a: split_rows(a, num_microbatches), x))
+  _, out = sequential(lambda carry, chunk: (carry, fn(chunk)), (),
+                      jax.tree.map(lambda a: split_rows(a, num_microbatches), x))
   return jax.tree.map(merge_rows, out)
 
 
@@ -106,15 +134,15 @@ def cached_loss(method, num_microbatches: int):
   def forward(axis_name, network_params, params, inputs):
     chunks, first_rows = microbatches(inputs, axis_name)
 
-    def embed(chunk):
+    def embed(carry, chunk):
       views, first_row = chunk
       outputs, stats = online(network_params, inputs, views, first_row, axis_name)
       targets, target_stats = method.target_forward(
           inputs['target_params'], inputs['batch_stats'], inputs['method_state'], list(views),
           inputs['rng'], axis_name, first_row)
-      return outputs, stats, targets, target_stats
+      return carry, (outputs, stats, targets, target_stats)
 
-    outputs, stats, targets, target_stats = jax.lax.map(embed, (chunks, first_rows))
+    _, (outputs, stats, targets, target_stats) = sequential(embed, (), (chunks, first_rows))
     outputs, targets = jax.tree.map(merge_rows, (outputs, targets))
     target_stats = _mean_over_microbatches(target_stats)
 
@@ -140,7 +168,9 @@ def cached_loss(method, num_microbatches: int):
       return jax.tree.map(jnp.add, total, vjp(grad)[0]), None
 
     zeros = jax.tree.map(jnp.zeros_like, network_params)
-    total, _ = jax.lax.scan(pull_back, zeros, (chunks, first_rows, grad_chunks))
+    # Each micro-batch's views pass the barrier with its output gradients: its forward pass
+    # cannot start before the objective's gradient exists.
+    total, _ = sequential(pull_back, zeros, (chunks, first_rows, grad_chunks))
     scale = lambda tree: jax.tree.map(lambda g: cotangents[0] * g, tree)  # noqa: E731
     return scale(total), scale(grad_params), jax.tree.map(_zero_cotangent, inputs)
 

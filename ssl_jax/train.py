@@ -103,6 +103,18 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
                'starting at step %d.', config.method.name, total_steps, setup.warmup_steps,
                jax.device_count(), config.batch_size, step)
 
+  k = config.get('microbatches', 1)
+  if k > 1:
+    rows = config.batch_size // k
+    logging.info('Micro-batched step: the exact gradient of the global batch\'s loss, the '
+                 'networks run on %d micro-batches of %d images at a time (cached embeddings, '
+                 'one more forward pass).', k, rows)
+    if jax.tree.leaves(state.batch_stats):
+      logging.warning('With microbatches=%d BatchNorm normalises each micro-batch of %d images '
+                      'with its own statistics (a ghost batch), not the global batch of %d: '
+                      'the gradient is that of this ghost-batch network. Without BatchNorm '
+                      '(a ViT with model.head_norm=layer) it is the whole batch\'s.', k, rows,
+                      config.batch_size)
   train_step = setup.make_train_step()
   monitor = None
   if config.eval_every_steps:
