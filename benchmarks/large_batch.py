@@ -13,7 +13,10 @@ Models (SimCLR, configs/simclr.py, its optimizer: LARS; no online probe):
   batch=B`: CIFAR stem, 32-pixel crops of 32x32x3 images) with model.width = --resnet_width
   (the first stage's channels; 64 is the paper's ResNet-18). The default, 16, is chosen so that
   at batch 8192 the K = 1 step does not fit the default budget (XLA: 31.9 GiB) while K = 2
-  does (14.3 GiB), and a K = 1 step at 4096 takes about two minutes on 2 cores.
+  does, and a K = 1 step at 4096 takes about two minutes on 2 cores;
+* vit_small: ViT-S/4 (patch 4: 64 patches of 32-pixel CIFAR crops) with LayerNorm projection
+  heads (`model.head_norm=layer`), so that every K gives the exact K = 1 gradient; the generic
+  ViT AdamW recipe. A step costs minutes on 2 cores even at small batches: run it with --norun.
 
 Each step is built exactly as the trainer builds it (`experiment.build`, `make_train_step`)
 on one device (a one-device mesh: the real CPU, no simulated devices), with config.microbatches
@@ -51,12 +54,11 @@ Columns (GiB = 2^30 bytes):
 Then one JSON line per row (--json) with the same figures, and the process's peak resident
 memory (ru_maxrss) at the end.
 
-On XLA:CPU (jaxlib 0.10.2) a K > 1 step is currently 18-36 times slower than K = 1, not
-the 1.2-1.4 times of one more forward pass: the cached-embedding backward pulls gradients
-back through the micro-batches in a `lax.scan`, and XLA:CPU puts convolutions into the layout
-of its fast kernel only in the entry computation, so the backward convolutions inside the
-scan's while loop fall to its naive loop emitter (benchmarks/large_batch_results.md: figures,
-a ten-line reproduction).
+On the CPU the micro-batches run as an unrolled loop with optimization barriers
+(`microbatch.unrolled`): inside a `lax.scan` XLA:CPU (jaxlib 0.10.2) runs convolutions on its
+naive fallback, 18-36 times slower (benchmarks/large_batch_results.md: figures and a ten-line
+reproduction). The unrolled loop keeps more of each micro-batch's buffers than the scan would,
+so the CPU's peak falls more slowly with K than an accelerator's would.
 
 The default budget, 22 GiB, is this machine's 23.5 GiB of RAM less 1.5 GiB for the OS, the
 Python process and the runtime's own reserve, which XLA's analysis does not count. XLA:CPU's
@@ -82,7 +84,7 @@ sys.path.insert(0, ROOT)
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('models', ['convnet', 'resnet18'], 'Models: convnet, resnet18.')
+flags.DEFINE_list('models', ['convnet', 'resnet18'], 'Models: convnet, resnet18, vit_small.')
 flags.DEFINE_list('batches', ['256', '512', '1024', '2048', '4096', '8192'],
                   'Global batch sizes (one device: also the per-device batch).')
 flags.DEFINE_list('ks', ['1', '2', '4', '8', '16', '32', '64'],
@@ -96,7 +98,7 @@ flags.DEFINE_integer('steps', 3, 'Timed steps per row, after one warm-up step, b
 flags.DEFINE_bool('run', True, 'Execute and time the steps that fit (--norun: compile only).')
 flags.DEFINE_bool('json', True, 'Print one JSON line per row after the table.')
 
-MODELS = ('convnet', 'resnet18')
+MODELS = ('convnet', 'resnet18', 'vit_small')
 GIB = 2**30
 BIG_BATCH = 4096  # from here on, one timed step and no warm-up
 
@@ -148,6 +150,14 @@ def make_config(model: str, batch: int, k: int, resnet_width: int):
     config.model.width = resnet_width
     config.model.small_images = True
     shape = (32, 32, 3)  # CIFAR
+  elif model == 'vit_small':
+    # ViT-S/4 on 32-pixel crops (64 patches), LayerNorm heads: no batch statistics anywhere,
+    # so every K gives the whole batch's gradient.
+    config = simclr.get_config(f'backbone=vit_small,dataset=tfds:cifar10,batch={batch},'
+                               'crop=32')
+    config.model.patch_size = 4
+    config.model.head_norm = 'layer'
+    shape = (32, 32, 3)
   else:
     raise ValueError(f'--models: {model!r} is not one of {MODELS}.')
   config.microbatches = k

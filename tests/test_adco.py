@@ -221,6 +221,7 @@ def test_short_training_beats_random_init(trained):
   assert encoder_spread(config, build_method(config), state) > 0.1
 
 
+@pytest.mark.slow  # the default suite resumes MoCo v2's and SwAV's state (README, Tests)
 def test_resume_and_momentum_encoder(trained, tmp_path):
   """A run stopped at step 99 and resumed ends with the straight run's state, bank, its
   velocity and fill counter included; the key encoder follows the paper's constant-momentum

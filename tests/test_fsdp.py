@@ -87,7 +87,7 @@ def _split_leaves(specs) -> int:
 # MoCo v2: a queue (method state) and a target network; DINO: a centre, the teacher, the
 # last layer frozen for a step (a masked optimizer); SwAV: prototypes normalised after each
 # update (after_update on split leaves) and a queue.
-@pytest.mark.parametrize('name', ['moco_v2', 'dino',
+@pytest.mark.parametrize('name', ['moco_v2', pytest.param('dino', marks=pytest.mark.slow),
                                   pytest.param('swav', marks=pytest.mark.slow),
                                   pytest.param('vit', marks=pytest.mark.slow)])
 def test_fsdp_step_equals_replicated(name):
