@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from ssl_jax import parallel
 from ssl_jax.losses.info_nce import info_nce_with_negatives, l2_normalize
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import (EncoderWithProjector, concatenated_views,
-                                    encoder_with_projector, split_views)
+from ssl_jax.methods.common import (EncoderWithProjector, encoder_with_projector,
+                                    forward_together, split_views)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +92,9 @@ class AdCo(Method):
     return [views[0] if queries else views[1]]
 
   def forward(self, params, batch_stats, views, rng, axis_name, first_row):
-    query_views = self._views(views, queries=True)
-    (_, zq), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
-                                          first_row).apply(
-        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(query_views, axis=0),
-        train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    return {'q': split_views(l2_normalize(zq), len(query_views))}, updates['batch_stats']
+    (_, zq), batch_stats = forward_together(self.network(axis_name), params, batch_stats,
+                                            self._views(views, queries=True), rng, first_row)
+    return {'q': [l2_normalize(z) for z in zq]}, batch_stats
 
   def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
                      first_row):

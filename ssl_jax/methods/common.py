@@ -6,6 +6,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from ssl_jax.methods.base import Method
 from ssl_jax.models import DTYPES, build_encoder
@@ -87,6 +88,18 @@ def forward_views(network: nn.Module, params, batch_stats, views, rng=None, firs
     batch_stats = updates['batch_stats']
     outputs.append(out)
   return outputs, batch_stats
+
+
+def forward_together(network: nn.Module, params, batch_stats, views, rng=None,
+                     first_row=None):
+  """All `views` through `network` in one training-mode call, concatenated along the rows, as
+  SimCLR's reference does: BatchNorm normalises them with the same statistics. Returns each
+  output leaf split back per view (`split_views`: a list with one view's rows each) and the
+  running statistics. `rng` and `first_row` as for `forward_views` (one call: call 0)."""
+  out, updates = concatenated_views(network, views[0].shape[0], first_row).apply(
+      {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views, axis=0),
+      train=True, mutable=['batch_stats'], rngs=Method.dropout_rngs(rng, 0))
+  return jax.tree.map(lambda x: split_views(x, len(views)), out), updates['batch_stats']
 
 
 def concatenated_views(network: nn.Module, rows_per_view: int, first_row=None) -> nn.Module:

@@ -32,8 +32,8 @@ from ssl_jax.losses import queue as queue_lib
 from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.losses.moco import batch_info_nce
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import (EncoderProjectorPredictor, concatenated_views,
-                                    mean_metrics, mlp, projector, split_views)
+from ssl_jax.methods.common import (EncoderProjectorPredictor, forward_together,
+                                    mean_metrics, mlp, projector)
 from ssl_jax.models import build_encoder
 
 
@@ -90,11 +90,9 @@ class NNCLR(Method):
                                                      m.projector_output_dim)
 
   def forward(self, params, batch_stats, views, rng, axis_name, first_row):
-    (z, p), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
-                                         first_row).apply(
-        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:2], axis=0),
-        train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    return {'z': split_views(z, 2), 'p': split_views(p, 2)}, updates['batch_stats']
+    (z, p), batch_stats = forward_together(self.network(axis_name), params, batch_stats,
+                                           views[:2], rng, first_row)
+    return {'z': z, 'p': p}, batch_stats
 
   def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
                 axis_name):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 
 from ssl_jax.losses.triplet import FALLBACKS, semihard_triplet
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import (EncoderWithProjector, concatenated_views,
-                                    encoder_with_projector, split_views)
+from ssl_jax.methods.common import (EncoderWithProjector, encoder_with_projector,
+                                    forward_together)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +34,9 @@ class Triplet(Method):
 
   def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     # One pass over both views, so BatchNorm normalises them with the same statistics.
-    (_, z), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
-                                         first_row).apply(
-        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views, axis=0),
-        train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    return {'z': split_views(z, len(views))}, updates['batch_stats']
+    (_, z), batch_stats = forward_together(self.network(axis_name), params, batch_stats,
+                                           views, rng, first_row)
+    return {'z': z}, batch_stats
 
   def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
                 axis_name):
