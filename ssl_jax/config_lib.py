@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.small_images = True         # CIFAR-style stem for inputs <= 32 pixels
   c.model.widths = (32, 64, 128)      # ConvNet stage channels
   c.model.convs_per_stage = 2
+  c.model.pool_grid = 1               # ConvNet features: averages over a grid x grid partition
   c.model.dtype = 'float32'           # 'bfloat16' computes in bf16, parameters stay float32
   # Vision Transformers (vit_micro, vit_tiny, vit_small, vit_base, vit_large).
   c.model.patch_size = 16             # augment.crop_size must be a multiple
@@ -305,6 +306,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   check(m.get('vit_pos_embed', 'learned') in vit.POS_EMBEDS,
         f'model.vit_pos_embed={m.get("vit_pos_embed")!r} is unknown; known: {vit.POS_EMBEDS}.')
   problems.extend(remat.validate(m))
+  check(m.get('pool_grid', 1) >= 1,
+        f'model.pool_grid must be >= 1 (1: the global average), got {m.get("pool_grid")}.')
   check(m.get('head_norm', 'batch') in heads.NORMS,
         f'model.head_norm={m.get("head_norm")!r} is unknown; known: {heads.NORMS}.')
   k = config.get('microbatches', 1)

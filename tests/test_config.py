@@ -57,12 +57,14 @@ def test_all_problems_are_reported_together():
   c.optimizer.name = 'adam'
   c.augment.flip_prob = 1.5
   c.model.name = 'resnet1000'
+  c.model.pool_grid = 0
   with pytest.raises(config_lib.ConfigError) as info:
     config_lib.validate(c, num_devices=1)
   message = str(info.value)
   assert "optimizer.name='adam'" in message
   assert 'augment.flip_prob' in message
   assert "model.name='resnet1000'" in message
+  assert 'model.pool_grid must be >= 1' in message
 
 
 def test_bad_per_view_augmentation_is_reported_before_the_run():

@@ -418,3 +418,35 @@ def test_convnet_rejects_inputs_too_small_for_its_stages():
   model = ConvNet(widths=(4, 4, 4, 4, 4, 4))
   with pytest.raises(ValueError, match='too many for inputs'):
     jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 1)))
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 5, 2)])
+def test_max_pool_2x2_equals_flax_max_pool_values_and_gradient(shape):
+  # Catches a wrong reshape order (pooling across rows and channels instead of 2x2 windows),
+  # odd sizes not cropped as VALID padding does, and a gradient routed to the wrong element.
+  from ssl_jax.models.convnet import max_pool_2x2
+  x = _images(shape)  # continuous values: no ties, so the max of each window is unique
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
+  cotangent = _images(reference(x).shape, seed=1)
+  grad = lambda f: jax.vjp(f, x)[1](cotangent)[0]
+  np.testing.assert_array_equal(grad(max_pool_2x2), grad(reference))
+
+
+def test_grid_average_cells_by_hand():
+  # Catches cells taken in the wrong order or with the wrong bounds: 5 rows in a 2-grid are
+  # rows 0-2 and 2-4 (PyTorch's adaptive average pooling), 4 columns are 0-1 and 2-3.
+  from ssl_jax.models.convnet import grid_average
+  x = jnp.arange(20.0).reshape(1, 5, 4, 1)
+  expected = [x[0, 0:3, 0:2].mean(), x[0, 0:3, 2:4].mean(), x[0, 2:5, 0:2].mean(),
+              x[0, 2:5, 2:4].mean()]
+  np.testing.assert_allclose(grid_average(x, 2)[0], expected)
+  np.testing.assert_allclose(grid_average(x, 1)[0], [x.mean()])
+  with pytest.raises(ValueError, match='pool_grid=6'):
+    grid_average(x, 6)
+
+
+def test_convnet_pool_grid_feature_dim():
+  model = ConvNet(widths=(4, 8), convs_per_stage=1, pool_grid=2)
+  out, _ = _shapes_with_intermediates(model, (3, 16, 16, 1))
+  assert out.shape == (3, 4 * 8)

@@ -20,8 +20,9 @@ def _resnet(cls, cfg, axis_name, dtype):
 
 
 def _convnet(cfg, axis_name, dtype):
+  # `.get`: configs saved before pool_grid existed pooled globally.
   return ConvNet(widths=tuple(cfg.widths), convs_per_stage=cfg.convs_per_stage,
-                 axis_name=axis_name, dtype=dtype)
+                 pool_grid=cfg.get('pool_grid', 1), axis_name=axis_name, dtype=dtype)
 
 
 def _vit(width, depth, num_heads, cfg, axis_name, dtype):

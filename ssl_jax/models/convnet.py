@@ -16,18 +16,45 @@ import jax.numpy as jnp
 from ssl_jax.models import remat as remat_lib
 
 
+def max_pool_2x2(x):
+  """2x2 max-pooling with stride 2 of [B, H, W, C] (an odd last row or column is dropped, as
+  by `nn.max_pool` with VALID padding), as a reshape and a max: the same values, but XLA:CPU
+  differentiates `reduce_window` through `select_and_scatter`, several times slower than the
+  whole forward pass of the layer before it (benchmarks/cpu_ops.py)."""
+  b, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2]
+  return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def grid_average(x, grid: int):
+  """[B, H, W, C] averaged over each cell of a `grid` x `grid` partition of the image,
+  concatenated: [B, grid * grid * C]. Cell i spans rows floor(i H / grid) to
+  ceil((i + 1) H / grid), as PyTorch's adaptive average pooling, so any H >= grid works
+  (cells overlap when grid does not divide H). grid 1 is the global average."""
+  _, h, w, _ = x.shape
+  if min(h, w) < grid:
+    raise ValueError(f'model.pool_grid={grid} needs feature maps of at least {grid}x{grid}, '
+                     f'got {h}x{w}: use a smaller pool_grid or larger images.')
+  bounds = lambda n: [(i * n // grid, -(-(i + 1) * n // grid)) for i in range(grid)]
+  cells = [jnp.mean(x[:, r0:r1, c0:c1], axis=(1, 2))
+           for r0, r1 in bounds(h) for c0, c1 in bounds(w)]
+  return jnp.concatenate(cells, axis=-1)
+
+
 class ConvNet(nn.Module):
   """Stages of `convs_per_stage` 3x3 conv-BN-ReLU, 2x2 max-pool between stages.
 
-  Returns globally average-pooled features [B, widths[-1]]. With `remat`, each stage's
-  activations are recomputed in the backward pass (`remat.py`; the network has no residual
-  blocks), except what `remat_policy` names ('' = its default).
+  Returns the last stage's averages over a `pool_grid` x `pool_grid` grid of cells
+  (`grid_average`), [B, pool_grid^2 * widths[-1]]; 1 is the global average. With `remat`,
+  each stage's activations are recomputed in the backward pass (`remat.py`; the network has
+  no residual blocks), except what `remat_policy` names ('' = its default).
   """
   widths: Sequence[int] = (32, 64, 128)
   convs_per_stage: int = 2
   axis_name: str | None = None
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
+  pool_grid: int = 1
   remat: bool = False
   remat_policy: str = ''
 
@@ -59,6 +86,6 @@ class ConvNet(nn.Module):
               f'ConvNet with {len(self.widths)} stages (model.widths={tuple(self.widths)}) '
               f'halves its input {len(self.widths) - 1} times: too many for inputs of '
               f'{input_size}. Use fewer stages or a larger augment.crop_size.')
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       x = stage(self, x, width, train)
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # pooled in float32, not rounded
+    return grid_average(x.astype(jnp.float32), self.pool_grid)  # pooled in float32, not rounded
