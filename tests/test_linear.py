@@ -91,3 +91,163 @@ def test_validation_split_stratified_seeded_disjoint():
 def test_validation_split_too_small_raises():
   with pytest.raises(ValueError, match='no validation examples'):
     linear.validation_split(np.array([0, 1, 2]), 0.1, seed=0)
+
+
+def _standardized(digits):
+  x_train, y_train, _, _ = digits
+  mean, std = linear.standardization(x_train)
+  return ((x_train - mean) / std).astype(np.float32), y_train
+
+
+def _gradient_norms(params, x, labels, l2, num_classes=10):
+  """(gradient norm of the objective at params, at the zero model), in float64."""
+  x = np.asarray(x, np.float64)
+  onehot = np.eye(num_classes)[labels]
+
+  def norm(w, b, l2):
+    logits = x @ w + b
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    residual = (probs - onehot) / len(x)
+    return np.sqrt(np.sum((x.T @ residual + l2 * w) ** 2) + np.sum(residual.sum(axis=0) ** 2))
+
+  zero = norm(np.zeros_like(params['w'], np.float64), np.zeros(num_classes), 0.0)
+  return norm(params['w'].astype(np.float64), params['b'].astype(np.float64), l2), zero
+
+
+def test_warm_start_from_elsewhere_reaches_the_same_optimum(digits):
+  x, y = _standardized(digits)
+  l2 = 1e-3
+  cold = linear.fit_logistic_regression(x, y, l2, 10, tol=1e-7)
+  rng = np.random.default_rng(0)
+  for init in (linear.fit_logistic_regression(x, y, 1.0, 10),  # another strength's optimum
+               {'w': rng.normal(size=(x.shape[1], 10)).astype(np.float32),  # far off
+                'b': rng.normal(size=10).astype(np.float32)}):
+    warm = linear.fit_logistic_regression(x, y, l2, 10, tol=1e-7, init=init)
+    np.testing.assert_allclose(warm['w'], cold['w'], atol=2e-3)
+    np.testing.assert_allclose(warm['b'] - warm['b'].mean(), cold['b'] - cold['b'].mean(),
+                               atol=2e-3)
+
+
+@pytest.mark.parametrize('tol', [1e-2, 1e-4])
+def test_stops_at_the_first_iterate_within_the_relative_tolerance(digits, tol):
+  x, y = _standardized(digits)
+  # Scaled features scale the reference, the zero model's gradient norm, tenfold, so that a
+  # tolerance taken as absolute would stop at another iterate.
+  x = 10 * x
+  l2 = 1e-3
+  params = linear.fit_logistic_regression(x, y, l2, 10, tol=tol)
+  grad_norm, zero_grad_norm = _gradient_norms(params, x, y, l2)
+  assert grad_norm <= 1.01 * tol * zero_grad_norm
+  for max_iter in range(1, 1000):
+    early = linear.fit_logistic_regression(x, y, l2, 10, tol=tol, max_iter=max_iter)
+    if _gradient_norms(early, x, y, l2)[0] <= tol * zero_grad_norm:
+      break
+  np.testing.assert_allclose(params['w'], early['w'], rtol=1e-5, atol=1e-6)
+
+
+def test_looser_tolerance_stops_sooner(digits):
+  # Single-value grids: one fit from zero on the whole training set.
+  iterations = {tol: linear.linear_probe(*digits, l2_grid=(1e-3,), tol=tol)['iterations']
+                for tol in (1e-2, 1e-4, 1e-6)}
+  assert iterations[1e-2] < iterations[1e-4] < iterations[1e-6]
+
+
+def test_probe_fits_the_path_strong_to_weak_from_the_previous_solution(digits, monkeypatch):
+  calls = []
+  solve = linear._solve
+
+  def recording_solve(features, onehot, l2, sample_weight, init, max_iter, tol,
+                      previous=None):
+    params, iterations, passed_on = solve(features, onehot, l2, sample_weight, init,
+                                          max_iter, tol, previous)
+    calls.append({'l2': l2, 'features': features, 'weighted': sample_weight is not None,
+                  'init': init, 'params': params, 'previous': previous,
+                  'passed_on': passed_on})
+    return params, iterations, passed_on
+
+  monkeypatch.setattr(linear, '_solve', recording_solve)
+  grid = (1e-4, 1.0, 1e-2)
+  result = linear.linear_probe(*digits, l2_grid=grid)
+  *path, refit = calls
+  assert [c['l2'] for c in path] == [1.0, 1e-2, 1e-4] and all(c['weighted'] for c in path)
+  # The strongest starts from zero, the others from the previous solution and history.
+  assert path[0]['init'] is None and path[0]['previous'] is None
+  for previous, call in zip(path, path[1:]):
+    assert call['init'] is previous['params'] and call['previous'] is previous['passed_on']
+  assert refit['previous'] is None  # other data: no history carried over
+  # The refit, on all the training data, starts from the chosen strength's validation-split
+  # solution, re-expressed for the new standardisation: the same logits.
+  assert refit['l2'] == result['l2'] and not refit['weighted']
+  chosen = next(c for c in path if c['l2'] == result['l2'])
+  np.testing.assert_allclose(
+      refit['features'] @ refit['init']['w'] + refit['init']['b'],
+      chosen['features'] @ chosen['params']['w'] + chosen['params']['b'], rtol=1e-4, atol=1e-4)
+
+
+def test_restandardize_keeps_the_logits():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(50, 6)) * 3 + 1
+  params = {'w': rng.normal(size=(6, 4)), 'b': rng.normal(size=4)}
+  old_mean, old_std = x[:30].mean(0), x[:30].std(0)
+  new_mean, new_std = x.mean(0), x.std(0)
+  moved = linear._restandardize(params, old_mean, old_std, new_mean, new_std)
+  np.testing.assert_allclose(((x - new_mean) / new_std) @ moved['w'] + moved['b'],
+                             ((x - old_mean) / old_std) @ params['w'] + params['b'],
+                             rtol=1e-5, atol=1e-5)
+
+
+def _onehot(labels):
+  return np.eye(10, dtype=np.float32)[labels]
+
+
+def test_carried_history_reaches_the_same_optimum_in_fewer_iterations(digits):
+  x, y = _standardized(digits)
+  solve = lambda l2, init=None, previous=None, tol=linear.DEFAULT_TOL: linear._solve(
+      x, _onehot(y), l2, None, init, 1000, tol, previous)
+  strong, _, history = solve(1e-2)
+  _, zero_iterations, _ = solve(1e-3)
+  _, params_iterations, _ = solve(1e-3, init=strong)
+  _, carried_iterations, _ = solve(1e-3, init=strong, previous=history)
+  assert carried_iterations < params_iterations <= zero_iterations
+  # Solved tightly, every start gives the same optimum; a history recorded at another l2 than
+  # it claims is a wrong model of the curvature, which may cost iterations but must not
+  # move the optimum.
+  reference, _, _ = solve(1e-3, tol=1e-7)
+  for init, previous in ((strong, history), (strong, (1.0, history[1])),
+                         (strong, (1e-4, history[1]))):
+    params, _, _ = solve(1e-3, init=init, previous=previous, tol=1e-7)
+    np.testing.assert_allclose(params['w'], reference['w'], atol=2e-4)
+
+
+def test_warm_starts_save_iterations(digits):
+  # The same validation-split fit at 1e-3, first in the path (from zero) or after 1e-2.
+  cold = linear.linear_probe(*digits, l2_grid=(1e-3, 1e-4))
+  warm = linear.linear_probe(*digits, l2_grid=(1e-2, 1e-3))
+  assert warm['val_iterations'][1e-3] < 0.8 * cold['val_iterations'][1e-3]
+  # The refit from the validation-split solution, against one from zero (single-value grid).
+  from_zero = linear.linear_probe(*digits, l2_grid=(warm['l2'],))
+  assert warm['iterations'] < 0.8 * from_zero['iterations']
+
+
+def test_iterations_reported_and_capped(digits):
+  result = linear.linear_probe(*digits, l2_grid=(1e-1, 1e-3), max_iter=3)
+  assert set(result['val_iterations']) == {1e-1, 1e-3}
+  assert all(1 <= n <= 3 for n in result['val_iterations'].values())
+  assert 1 <= result['iterations'] <= 3
+
+
+def test_features_without_class_signal_stop_early():
+  # Constant features and balanced classes: the zero model is optimal and its gradient, the
+  # tolerance's reference, is rounding noise; the fit must not run to max_iter.
+  labels = np.arange(1000) % 5
+  result = linear.linear_probe(np.ones((1000, 8), np.float32), labels,
+                               np.ones((100, 8), np.float32), labels[:100], l2_grid=(1e-2, 1e-4))
+  assert max(result['val_iterations'].values()) < 50 and result['iterations'] < 50
+  assert result['test_accuracy'] == pytest.approx(0.2)
+
+
+def test_history_size():
+  assert linear.history_size(784, 10) == linear.MAX_HISTORY
+  assert linear.history_size(2048, 1000) == 16  # 2**26 floats / (2 * 2049 * 1000)
+  assert linear.history_size(100_000, 1000) == 10  # never below optax's default
