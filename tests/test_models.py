@@ -442,8 +442,11 @@ def test_grid_average_cells_by_hand():
               x[0, 2:5, 2:4].mean()]
   np.testing.assert_allclose(grid_average(x, 2)[0], expected)
   np.testing.assert_allclose(grid_average(x, 1)[0], [x.mean()])
-  with pytest.raises(ValueError, match='pool_grid=6'):
-    grid_average(x, 6)
+  # A map smaller than the grid (a multi-crop local crop): cells repeat single pixels, so the
+  # feature size does not depend on the input size. Rows 0, 0, 1, 1 of a 2x2 map.
+  small = jnp.arange(4.0).reshape(1, 2, 2, 1)
+  np.testing.assert_allclose(grid_average(small, 4)[0],
+                             [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3])
 
 
 def test_convnet_pool_grid_feature_dim():

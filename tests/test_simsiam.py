@@ -140,7 +140,8 @@ def test_heads_and_no_momentum_encoder(initialised):
   # Projector: 3 linear layers; the last one has no bias and is followed by a BatchNorm
   # without affine parameters (its statistics are the only variables it has).
   dense = sorted(k for k in proj if k.startswith('Dense'))
-  assert [proj[k]['kernel'].shape for k in dense] == [(8, 32), (32, 32), (32, 32)]
+  # Its input: the encoder's 8 channels averaged over the recipe's 4 x 4 grid.
+  assert [proj[k]['kernel'].shape for k in dense] == [(8 * 16, 32), (32, 32), (32, 32)]
   assert 'bias' not in proj[dense[-1]]
   norms = sorted(k for k in batch_stats['projector'] if k.startswith('BatchNorm'))
   assert len(norms) == 3 and norms[-1] not in proj

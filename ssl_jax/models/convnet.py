@@ -29,12 +29,11 @@ def max_pool_2x2(x):
 def grid_average(x, grid: int):
   """[B, H, W, C] averaged over each cell of a `grid` x `grid` partition of the image,
   concatenated: [B, grid * grid * C]. Cell i spans rows floor(i H / grid) to
-  ceil((i + 1) H / grid), as PyTorch's adaptive average pooling, so any H >= grid works
-  (cells overlap when grid does not divide H). grid 1 is the global average."""
+  ceil((i + 1) H / grid), as PyTorch's adaptive average pooling: cells overlap when grid
+  does not divide H, and repeat single rows when H < grid, so that every input size (the
+  small local crops of multi-crop methods too) gives features of the same size. grid 1 is
+  the global average."""
   _, h, w, _ = x.shape
-  if min(h, w) < grid:
-    raise ValueError(f'model.pool_grid={grid} needs feature maps of at least {grid}x{grid}, '
-                     f'got {h}x{w}: use a smaller pool_grid or larger images.')
   bounds = lambda n: [(i * n // grid, -(-(i + 1) * n // grid)) for i in range(grid)]
   cells = [jnp.mean(x[:, r0:r1, c0:c1], axis=(1, 2))
            for r0, r1 in bounds(h) for c0, c1 in bounds(w)]
