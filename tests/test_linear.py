@@ -1,6 +1,8 @@
 """Linear probe against scikit-learn's logistic regression on the same features."""
 
+import jax
 import numpy as np
+import optax
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
@@ -218,6 +220,39 @@ def test_carried_history_reaches_the_same_optimum_in_fewer_iterations(digits):
                          (strong, (1e-4, history[1]))):
     params, _, _ = solve(1e-3, init=init, previous=previous, tol=1e-7)
     np.testing.assert_allclose(params['w'], reference['w'], atol=2e-4)
+
+
+def test_carried_history_is_the_previous_pairs_shifted_for_the_new_l2(digits):
+  x, y = _standardized(digits)
+  onehot = _onehot(y)
+  fit = lambda max_iter: linear._solve(x, onehot, 1e-2, None, None, max_iter,
+                                       linear.DEFAULT_TOL)
+  params, iterations, (old_l2, state) = fit(1000)
+  as_wt = lambda p: {'wt': np.asarray(p['w']).T, 'b': np.asarray(p['b'])}
+  start = as_wt(params)
+  grad = jax.tree.map(np.ones_like, start)  # any gradient: the pairs do not depend on it
+  carried = linear._carried_history(state, 1e-3 - float(old_l2), start, grad)
+  # Every stored pair: the same step, its gradient change shifted by the l2 change on W.
+  np.testing.assert_array_equal(carried.diff_params_memory['wt'], state.diff_params_memory['wt'])
+  np.testing.assert_allclose(carried.diff_updates_memory['wt'],
+                             state.diff_updates_memory['wt'] +
+                             (1e-3 - 1e-2) * state.diff_params_memory['wt'], atol=1e-7)
+  np.testing.assert_array_equal(carried.diff_updates_memory['b'], state.diff_updates_memory['b'])
+  # The pair optax re-enters first is the latest stored: the step between the fit's last two
+  # iterates before its final one (the final step stores no pair).
+  before_last, second_last = as_wt(fit(iterations - 1)[0]), as_wt(fit(iterations - 2)[0])
+  re_entered = jax.tree.map(lambda a, b: a - b, start, carried.params)
+  for k in ('wt', 'b'):
+    np.testing.assert_allclose(re_entered[k], before_last[k] - second_last[k], atol=1e-5)
+  # ...into its own slot: optax's update leaves the history as carried, pairs and weights.
+  _, updated = optax.scale_by_lbfgs(memory_size=state.weights_memory.shape[0]).update(
+      grad, carried, start)
+  for name in ('diff_params_memory', 'diff_updates_memory'):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 getattr(updated, name), getattr(carried, name))
+  # (The re-entered step is recomputed as a difference of nearby iterates: float32 rounding.)
+  np.testing.assert_allclose(updated.weights_memory, carried.weights_memory, rtol=1e-2)
+  assert np.all(carried.weights_memory >= 0) and np.sum(carried.weights_memory > 0) >= 2
 
 
 def test_warm_starts_save_iterations(digits):
