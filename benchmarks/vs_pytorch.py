@@ -24,7 +24,8 @@ The PyTorch recipe mirrors what the default config enables, and refuses configs 
   the side, made odd), an identity, so neither side does any of these; no solarisation.
 - Network: all views as one batch (BatchNorm normalises both views with the same statistics):
   the ConvNet (`models/convnet.py`: per stage, 3x3 conv without bias -> BatchNorm -> ReLU, two
-  per stage, widths 16-32-64, 2x2 max-pool between stages, global average pool) and the
+  per stage, widths 16-32-64, 2x2 max-pool between stages, the last stage averaged over the
+  config's `model.pool_grid` grid: adaptive average pooling, 4 x 4 in the recipe) and the
   projector (`models/heads.py`: Linear without bias -> BatchNorm -> ReLU, then Linear with bias
   to 128, no last BatchNorm); BatchNorm momentum 0.1 (flax's 0.9) and eps 1e-5; flax's
   initialisers.
