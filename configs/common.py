@@ -11,8 +11,9 @@ from ssl_jax import config_lib, models
 
 # Native image side per dataset, for ResNet runs (which train at full resolution).
 # Anything else (other TFDS datasets, 'folder:<path>') trains at ImageNet's 224.
-IMAGE_SIDE = {'fashion_mnist': 28, 'tfds:mnist': 28, 'tfds:cifar10': 32, 'tfds:cifar100': 32,
-              'tfds:stl10': 96, 'tfds:imagenet2012': 224}
+IMAGE_SIDE = {'fashion_mnist': 28, 'fashion_mnist_captions': 28, 'tfds:mnist': 28,
+              'tfds:cifar10': 32, 'tfds:cifar100': 32, 'tfds:stl10': 96,
+              'tfds:imagenet2012': 224, 'tfds:coco_captions': 224}
 # The ConvNet CPU recipe's crop for datasets of larger images than Fashion-MNIST's.
 CONVNET_LARGE_IMAGE_CROP = 64
 CONVNET_EPOCHS = 16.0

@@ -12,6 +12,9 @@ extracted once per encoder:
   linear       linear probe top-1 (L2 strength chosen on a validation split of the training set)
   lowlabel     linear probe trained on 1% and 10% of the training labels (fixed seeded subsets)
   diagnostics  effective rank (RankMe), spread, alignment and uniformity of the features
+  image_text   image-text methods (CLIP, SigLIP, LiT) only: zero-shot top-1/top-5 from class-name
+               prompts, image <-> text retrieval recall@1/5/10 on the test captions, the
+               modality gap and each tower's diagnostics (evaluation/image_text_eval.py)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 from absl import flags, logging
 
 FLAGS = flags.FLAGS
-EVALS = ('knn', 'linear', 'lowlabel', 'diagnostics')
+EVALS = ('knn', 'linear', 'lowlabel', 'diagnostics', 'image_text')
 flags.DEFINE_string('workdir', None, 'Workdir of a training run (holds config.json and '
                     'checkpoints/).')
 flags.DEFINE_list('evals', list(EVALS), f'Evaluations to run, from {EVALS}.')
@@ -39,7 +42,10 @@ flags.DEFINE_integer('seed', 0, 'Seed of the low-label subsets and validation sp
 # Table columns: (result key, header).
 _COLUMNS = (('knn_top1', 'kNN'), ('linear_top1', 'linear'), ('lowlabel_1%', '1% labels'),
             ('lowlabel_10%', '10% labels'), ('effective_rank', 'eff. rank'),
-            ('std_fraction', 'spread'), ('alignment', 'align'), ('uniformity', 'uniform'))
+            ('std_fraction', 'spread'), ('alignment', 'align'), ('uniformity', 'uniform'),
+            ('zero_shot_top1', 'zero-shot'), ('i2t_recall@1', 'I->T R@1'),
+            ('i2t_recall@5', 'I->T R@5'), ('t2i_recall@1', 'T->I R@1'),
+            ('t2i_recall@5', 'T->I R@5'), ('modality_gap', 'gap'))
 
 
 def evaluate_features(train, test, evals, *, knn_k=200, knn_temperature=0.07, seed=0,
@@ -50,6 +56,7 @@ def evaluate_features(train, test, evals, *, knn_k=200, knn_temperature=0.07, se
   from ssl_jax.evaluation import knn, linear, lowlabel
 
   row = {}
+  evals = [name for name in evals if name != 'image_text']  # from the towers, not features
   if train is None:  # no labelled images: the label-free evaluations only
     evals = [name for name in evals if name == 'diagnostics']
   (x_train, y_train), (x_test, y_test) = train or (None, None), test or (None, None)
@@ -92,7 +99,7 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
   import numpy as np
 
   from ssl_jax import pretrained
-  from ssl_jax.evaluation import batch_norm, eval_data
+  from ssl_jax.evaluation import batch_norm, eval_data, image_text_eval
   from ssl_jax.evaluation.monitor import DiagnosticsMonitor
   from ssl_jax.methods import frozen_encoder
 
@@ -103,7 +110,7 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
   config = model.config
   e = config.eval
   evaluation_plan = eval_data.plan(config)
-  labelled_evals = [name for name in evals if name != 'diagnostics']
+  labelled_evals = [name for name in evals if name not in ('diagnostics', 'image_text')]
   if labelled_evals and not evaluation_plan.labelled:
     raise eval_data.EvaluationConfigError(
         f'--evals={",".join(labelled_evals)} need labelled images, but '
@@ -151,6 +158,15 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
         train, test, evals, knn_k=e.knn_k, knn_temperature=e.knn_temperature, seed=seed,
         num_classes=num_classes or int(max(train[1].max(), test[1].max()) + 1),
         diagnostics_fn=diagnostics_fn)
+  if 'image_text' in evals and image_text_eval.is_image_text(model.method):
+    states = {'trained encoder': model.state}
+    if baselines:
+      states['random-init encoder'] = model.initial_state()
+    for name, state in states.items():
+      logging.info('Zero-shot and retrieval of the %s...', name)
+      rows[name].update(image_text_eval.image_text_evaluation(
+          config, model.method, state,
+          queries if queries is not None else evaluation_plan.diagnostics))
   if embedded is None:  # no labelled images: the diagnostics images, uncoloured
     embedded = (monitor.measure(encoders['trained encoder'])[1], monitor.labels)
 

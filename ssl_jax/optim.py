@@ -148,7 +148,8 @@ def _make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransfor
     return optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask),
                        optax.sgd(schedule, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov))
   if name == 'adamw':
-    return optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
+    # `.get`: configs saved before `eps` existed used optax's default (CLIP sets 1e-6).
+    return optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.get('eps', 1e-8),
                        weight_decay=opt_cfg.weight_decay, mask=decay_mask)
   raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}.")
 

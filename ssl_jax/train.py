@@ -14,7 +14,7 @@ from clu import metric_writers, periodic_actions
 
 from ssl_jax import checkpoint, config_lib, experiment, parallel, preemption
 from ssl_jax.data import augment, host_crop, pipeline, sources
-from ssl_jax.evaluation import eval_data
+from ssl_jax.evaluation import eval_data, image_text_eval
 from ssl_jax.evaluation.final import final_evaluation
 from ssl_jax.evaluation.monitor import KnnEvaluator
 from ssl_jax.evaluation.observer import RepresentationObserver
@@ -44,15 +44,30 @@ def build(config, mesh=None):
                       jax.process_count())
   d = config.data
   train_source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir,
-                                    download=d.download)
+                                    download=d.download, text=config.get('text'))
   if config.eval.online_probe and not getattr(train_source, 'has_labels', True):
     raise config_lib.ConfigError(
         f'eval.online_probe trains a classifier on the training labels, but {train_source!r} '
         'has none: set --config.eval.online_probe=False, or train on a labelled split.')
   channels = getattr(train_source, 'channels', None) or train_source[0]['image'].shape[-1]
+  _check_paired_inputs(config, train_source)
   built = experiment.build(config, num_train_examples=len(train_source),
                            image_channels=channels, mesh=mesh)
   return built, train_source
+
+
+def _check_paired_inputs(config, train_source):
+  """A method that reads another modality beside the image (`Method.paired_inputs`: CLIP's
+  captions) needs a source whose records carry it."""
+  from ssl_jax import methods  # the registry, as config_lib imports it
+  wanted = methods.method_class(config.method.name).paired_inputs
+  missing = [name for name in wanted if name not in train_source[0]]
+  if missing:
+    raise config_lib.ConfigError(
+        f'{config.method.name} trains on images paired with {", ".join(missing)}, which '
+        f'{train_source!r} does not provide: use a captioned dataset, e.g. '
+        "--config.data.name=fashion_mnist_captions (the embedded demo), "
+        "'pairs:<file.jsonl or .csv>' or 'tfds:coco_captions'.")
 
 
 def make_train_iterator(config, method, train_source):
@@ -171,8 +186,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
         if 'skipped' in batch:
           skipped_images += int(batch['skipped'].sum())
         images = batch['views'] if 'views' in batch else batch['image']
-        images, labels = parallel.global_batch_from_host((images, batch['label']), mesh)
-        state, metrics = train_step(state, images, labels)
+        paired = tuple(batch[name] for name in method.paired_inputs)
+        images, labels, paired = parallel.global_batch_from_host(
+            (images, batch['label'], paired), mesh)
+        state, metrics = train_step(state, images, labels, paired)
         pending.append(metrics)
         step += 1
         host_waits = step % MAX_STEPS_IN_FLIGHT == 0
@@ -205,6 +222,9 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
             encode_fn = frozen_encoder(method, state)
             if monitor is not None:
               writer.write_scalars(step, {'knn_top1': monitor.score_encoder(encode_fn)})
+              if image_text_eval.is_image_text(method):  # zero-shot, retrieval, the gap
+                writer.write_scalars(step, image_text_eval.image_text_evaluation(
+                    config, method, state, monitor.queries, prefix='image_text/'))
             if observer is not None:
               observer(step, encode_fn)
           window_start += time.monotonic() - eval_start  # images/s counts training time only

@@ -30,11 +30,13 @@ def _batch_rows(images) -> int:
 
 def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
                     schedule: optax.Schedule | None = None, probe=None, state_specs=None):
-  """Returns `train_step(state, images, labels=None) -> (state, metrics)`, jitted, donating
-  the state. `images` is the uint8 batch as stored (views are cropped on the devices) or a
-  tuple of uint8 views cropped on the host, one per view (`data.host_crop`). With an
-  `OnlineProbe`, the labels train it on the encoder's frozen features. `state_specs`: the
-  TrainState's PartitionSpecs (`sharding.tree_specs`; None: all replicated).
+  """Returns `train_step(state, images, labels=None, paired=()) -> (state, metrics)`,
+  jitted, donating the state. `images` is the uint8 batch as stored (views are cropped on the
+  devices) or a tuple of uint8 views cropped on the host, one per view (`data.host_crop`).
+  With an `OnlineProbe`, the labels train it on the encoder's frozen features. `paired`: the
+  batch's arrays named by `method.paired_inputs` (the captions of image-text methods), in
+  that order, appended to the views. `state_specs`: the TrainState's PartitionSpecs
+  (`sharding.tree_specs`; None: all replicated).
 
   With `config.microbatches` = K > 1 the method's loss and its gradient are computed by the
   cached-embedding scheme (`microbatch.cached_loss`), K micro-batches of each device's rows
@@ -46,11 +48,11 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
                  else microbatch.cached_loss(method, num_microbatches))
 
   def device_loss(specs, params, probe_params, batch_stats, target_params, method_state,
-                  images, labels, aug_rng, loss_rng, step):
+                  images, labels, paired, aug_rng, loss_rng, step):
     params, probe_params, batch_stats, target_params, method_state = sharding.gather(
         (params, probe_params, batch_stats, target_params, method_state), specs)
     first_row = parallel.global_row_offset(_batch_rows(images), axis)
-    views = augment.augment_views(aug_rng, images, view_cfgs, first_row)
+    views = augment.augment_views(aug_rng, images, view_cfgs, first_row) + list(paired)
     loss, (metrics, new_stats, new_state) = method_loss(
         params, batch_stats, target_params, method_state, views, loss_rng, step, axis)
     metrics = dict(metrics, loss=loss)
@@ -84,16 +86,17 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
     _, _, stats_specs, _, method_specs = specs
     return jax.shard_map(
         functools.partial(device_loss, specs), mesh=mesh,
-        in_specs=(*specs, P(axis), P(axis), P(), P(), P()),
+        in_specs=(*specs, P(axis), P(axis), P(axis), P(), P(), P()),
         out_specs=(P(), (P(), stats_specs, method_specs)))(*args)
 
-  def train_step(state, images, labels):
+  def train_step(state, images, labels, paired):
     step_rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, loss_rng = jax.random.split(step_rng)
 
     def loss_fn(params, probe_params):
       return sharded_loss(state, params, probe_params, state.batch_stats, state.target_params,
-                          state.method_state, images, labels, aug_rng, loss_rng, state.step)
+                          state.method_state, images, labels, paired, aug_rng, loss_rng,
+                          state.step)
 
     (_, (metrics, batch_stats, method_state)), (grads, probe_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.probe_params)
@@ -123,7 +126,7 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   state_sharding = replicated if state_specs is None else sharding.named(state_specs, mesh)
   compiled = jax.jit(train_step, donate_argnums=0,
-                     in_shardings=(state_sharding, sharded, sharded),
+                     in_shardings=(state_sharding, sharded, sharded, sharded),
                      out_shardings=(state_sharding, replicated),
                      compiler_options=remat.compiler_options(method.config.model))
 
@@ -132,10 +135,10 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
       labels = jnp.zeros((_batch_rows(images),), jnp.int32, device=sharded)
     return labels
 
-  def step_fn(state, images, labels=None):
-    return compiled(state, images, with_labels(images, labels))
+  def step_fn(state, images, labels=None, paired=()):
+    return compiled(state, images, with_labels(images, labels), tuple(paired))
 
   # For ahead-of-time compilation and cost analysis (benchmarks).
-  step_fn.lower = lambda state, images, labels=None: compiled.lower(
-      state, images, with_labels(images, labels))
+  step_fn.lower = lambda state, images, labels=None, paired=(): compiled.lower(
+      state, images, with_labels(images, labels), tuple(paired))
   return step_fn

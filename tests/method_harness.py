@@ -18,8 +18,45 @@ from ssl_jax.data import augment
 from ssl_jax.methods import RunLength, build_method
 
 def load_config(name: str, arg: str | None = None):
-  """configs/<name>.py's get_config(arg)."""
+  """configs/<name>.py's get_config(arg); LiT's locks the image tower of `lit_tower_workdir`
+  unless `arg` names one."""
+  if name == 'lit' and 'image_tower=' not in (arg or ''):
+    arg = ','.join(filter(None, [f'image_tower={lit_tower_workdir()}', arg]))
   return importlib.import_module(f'ssl_jax.configs.{name}').get_config(arg)
+
+
+@functools.cache
+def lit_tower_workdir() -> str:
+  """A workdir of SimCLR on the `shrink` ConvNet trained for one step (made once per test
+  process): the image tower that LiT's configs lock in tests."""
+  import tempfile
+  from ssl_jax.train import train_and_evaluate
+  workdir = tempfile.mkdtemp(prefix='ssl_jax_lit_tower_')
+  config = shrink(load_config('simclr'))
+  config.total_steps = config.checkpoint_every_steps = 1
+  config.eval.final_bank_size, config.eval.final_test_size = 100, 50
+  train_and_evaluate(config, workdir)
+  return workdir
+
+
+def random_captions(config, batch_size: int, seed: int = 0) -> np.ndarray:
+  """int32 [batch, K, L] token ids of random captions (byte ids 2-257, an end-of-text token,
+  padding), K and L from `config.text`: what a caption source gives image-text methods."""
+  t = config.text
+  rng = np.random.default_rng(seed + 1000)
+  k, length = t.captions_per_image, t.context_length
+  tokens = rng.integers(2, 258, (batch_size, k, length)).astype(np.int32)
+  ends = rng.integers(1, length, (batch_size, k))
+  positions = np.arange(length)
+  tokens[positions >= ends[..., None]] = 0
+  np.put_along_axis(tokens, ends[..., None], 1, axis=-1)
+  return tokens
+
+
+def paired_inputs(config, method, batch_size: int, seed: int = 0) -> tuple:
+  """The batch's arrays that `method.paired_inputs` names (captions), random."""
+  return tuple(random_captions(config, batch_size, seed) for name in method.paired_inputs
+               if name == 'texts')
 
 
 def shrink(config, batch_size: int = 32, crop: int = 12):
@@ -83,10 +120,12 @@ def init_method(config, run_length: RunLength | None = None, seed: int = 0):
 
 
 def make_views(config, method, batch_size: int, seed: int = 0) -> list[jnp.ndarray]:
-  """The trainer's views (global, then local crops) of random uint8 images."""
+  """The trainer's views (global, then local crops) of random uint8 images, then the
+  method's paired inputs (random captions)."""
   images = np.random.default_rng(seed).integers(0, 256, (batch_size, 16, 16, 1), np.uint8)
   cfgs = augment.view_configs(config.augment, method.num_views)
-  return augment.augment_views(jax.random.PRNGKey(seed), jnp.asarray(images), cfgs)
+  views = augment.augment_views(jax.random.PRNGKey(seed), jnp.asarray(images), cfgs)
+  return views + [jnp.asarray(x) for x in paired_inputs(config, method, batch_size, seed)]
 
 
 def sharded_loss_and_grads(method, params, batch_stats, target_params, method_state, views,
@@ -269,8 +308,10 @@ def trainer_steps(config, num_steps, num_devices=2):
   built, state, step = build_experiment(config, num_devices)
   states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
-    images = parallel.global_batch_from_host(random_batch(config, i), built.mesh)
-    state, m = step(state, images)
+    images, paired = parallel.global_batch_from_host(
+        (random_batch(config, i), paired_inputs(config, built.method, config.batch_size, i)),
+        built.mesh)
+    state, m = step(state, images, paired=paired)
     states.append(jax.device_get(state))  # the step donates its input: keep host copies
     metrics.append(jax.device_get(m))
   return states, metrics

@@ -86,7 +86,8 @@ def _vit_calls(config):
   return method, calls
 
 
-@pytest.mark.parametrize('name', sorted(METHODS))
+# LiT's image tower is locked and runs in inference mode, without drop path.
+@pytest.mark.parametrize('name', sorted(set(METHODS) - {'lit'}))
 def test_every_method_gives_its_online_forward_a_dropout_rng_and_its_view_layout(name):
   """Catches a method whose online network never receives the 'dropout' rng (drop_path_rate
   then silently does nothing), a method that concatenates views without saying so

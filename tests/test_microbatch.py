@@ -35,8 +35,9 @@ from ssl_jax.methods import METHODS, Method, RunLength, build_method, method_cla
 from ssl_jax.methods.simclr import SimCLR
 
 BATCH = 32
-# Every method, plus the SimCLR variant whose objective differs (hard negatives).
-CONFIGS = sorted(METHODS) + ['simclr_hard_negatives']
+# Every method, plus the SimCLR variant whose objective differs (hard negatives), on the tiny
+# ViT; but LiT, whose image tower is the locked one of a workdir, and whose forward is CLIP's.
+CONFIGS = sorted(set(METHODS) - {'lit'}) + ['simclr_hard_negatives']
 
 
 @pytest.fixture(scope='module', autouse=True)

@@ -27,6 +27,11 @@ views, and the iterator state is the same kind of position, so everything below 
 both. `make_eval_iterator` reads evaluation batches the same way, in order, padded at the
 end, with the evaluation transform (short-side resize, central crop) for encoded images.
 
+Image-caption sources (`ssl_jax.data.captions`) add 'texts' (int32 [K, L] a record) to
+their records; every batch of such a source carries it, int32 [n, K, L], row for row with
+its images (a skipped image's row has its replacement's texts; an invalid evaluation row
+zeros). Image-only sources' batches are unchanged.
+
 Checkpointing the iterator with orbax
 -------------------------------------
 `make_train_iterator` returns a `StepIterator`, a grain ``DatasetIterator`` whose state is
@@ -81,7 +86,8 @@ __all__ = ['EvalTransform', 'StepIterator', 'make_eval_arrays', 'make_eval_itera
 
 
 def read_batch(source: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-  """{'image': uint8 [n, H, W, C], 'label': int32 [n]} for the given record indices.
+  """{'image': uint8 [n, H, W, C], 'label': int32 [n]} for the given record indices (and
+  'texts': int32 [n, K, L] when the records have texts).
 
   Uses the source's vectorised ``get_batch`` when it has one, else reads record by record.
   """
@@ -93,8 +99,11 @@ def read_batch(source: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np
   images = [x[..., None] if x.ndim == 2 else x for x in images]
   if any(x.dtype != np.uint8 for x in images):
     raise TypeError(f'{source!r}: images must be uint8.')
-  return {'image': np.stack(images),
-          'label': np.array([int(r['label']) for r in records], np.int32)}
+  batch = {'image': np.stack(images),
+           'label': np.array([int(r['label']) for r in records], np.int32)}
+  if records and 'texts' in records[0]:
+    batch['texts'] = np.stack([np.asarray(r['texts'], np.int32) for r in records])
+  return batch
 
 
 def _host_position(layout, element: int) -> int:
@@ -193,7 +202,8 @@ MAX_CONSECUTIVE_CORRUPT = 64
 
 
 class _CropExample:
-  """This host's `element`-th example -> {'views', 'label', 'skipped'}: the record at its
+  """This host's `element`-th example -> {'views', 'label', 'skipped'} (+ 'texts' for a
+  caption source, those of the record whose image was cropped): the record at its
   stream position decoded and cropped once per view (`host_crop`), each view's randomness
   from (seed, position, view) only, so any number of hosts or workers, and a resumed run,
   make the same views.
@@ -225,7 +235,11 @@ class _CropExample:
               f'{skipped} consecutive images could not be decoded, the last: {problem}. '
               'That is not a few bad files: check the path and the files\' format.') from e
     views = host_crop.random_views(image, self.specs, self.order.seed, position)
-    return {'views': views, 'label': np.int32(record['label']), 'skipped': np.int32(skipped)}
+    example = {'views': views, 'label': np.int32(record['label']),
+               'skipped': np.int32(skipped)}
+    if 'texts' in record:  # the replacement's captions when the image was skipped
+      example['texts'] = np.asarray(record['texts'], np.int32)
+    return example
 
 
 def _corrupt(source, index: int, error: Exception, skip: bool) -> str:
@@ -283,7 +297,8 @@ def make_train_iterator(source: Any, *, global_batch_size: int, seed: int,
     A `StepIterator` (a grain DatasetIterator) of {'image': uint8 [per_host, H, W, C],
     'label': int32 [per_host]}, or with `crop_specs` of {'views': (uint8 [per_host, s, s, C]
     per view), 'label': int32 [per_host], 'skipped': int32 [per_host]} ('skipped': how
-    many undecodable images each row replaced). See the module docstring for saving it with orbax.
+    many undecodable images each row replaced); caption sources add 'texts': int32
+    [per_host, K, L]. See the module docstring for saving it with orbax.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -465,28 +480,42 @@ class _ReadEvalBatch:
 
 class _EvalExample:
   """This host's `element`-th evaluation example, decoded and centre-cropped; rows past the
-  last example, and images that cannot be decoded (with a warning), are invalid zeros."""
+  last example, and images that cannot be decoded (with a warning), are invalid zeros.
+  A caption source's examples carry 'texts' (zeros in invalid rows: the shape comes from
+  its ``text_spec``, so every row of a batch has the key)."""
 
   def __init__(self, source, geometry: _EvalGeometry, transform: EvalTransform,
                skip_corrupt: bool):
     self.source, self.geometry, self.transform = source, geometry, transform
     self.skip_corrupt = skip_corrupt
+    spec = getattr(source, 'text_spec', None)
+    self.texts_shape = (None if spec is None
+                        else (spec.captions_per_image, spec.context_length))
+
+  def _invalid(self, image: np.ndarray) -> dict[str, Any]:
+    example = {'image': image, 'label': np.int32(-1), 'valid': False}
+    if self.texts_shape is not None:
+      example['texts'] = np.zeros(self.texts_shape, np.int32)
+    return example
 
   def __call__(self, element: int) -> dict[str, Any]:
     position = self.geometry.position(int(element))
     t = self.transform
     image = np.zeros((t.crop_size, t.crop_size, t.channels), np.uint8)
     if position >= len(self.geometry.records):
-      return {'image': image, 'label': np.int32(-1), 'valid': False}
+      return self._invalid(image)
     index = int(self.geometry.records[position])
     try:
       record = self.source[index]
       decoded = host_crop.decode_image(record['image'], t.channels)
     except _UNREADABLE as e:
       _corrupt(self.source, index, e, self.skip_corrupt)
-      return {'image': image, 'label': np.int32(-1), 'valid': False}
-    return {'image': host_crop.center_crop(decoded, t.resize_size, t.crop_size),
-            'label': np.int32(record['label']), 'valid': True}
+      return self._invalid(image)
+    example = {'image': host_crop.center_crop(decoded, t.resize_size, t.crop_size),
+               'label': np.int32(record['label']), 'valid': True}
+    if self.texts_shape is not None:
+      example['texts'] = np.asarray(record['texts'], np.int32)
+    return example
 
 
 def spread_indices(num_records: int, num_examples: int | None) -> np.ndarray:
@@ -549,14 +578,18 @@ def make_eval_iterator(source: Any, *, global_batch_size: int,
 
 
 def make_eval_arrays(source: Any, max_examples: int | None = None,
-                     chunk_size: int = 4096, transform: EvalTransform | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     chunk_size: int = 4096, transform: EvalTransform | None = None,
+                     *, with_texts: bool = False) -> tuple[np.ndarray, ...]:
   """The first `max_examples` (default all) records as (uint8 [N, H, W, C], int32 [N]), in
   this process's memory: for small sets only (diagnostics images, tests). Encoded sources
   need `transform`; undecodable images are left out.
 
   For an `ArraySource` these are views of its arrays (read-only for the cached datasets).
+  ``with_texts=True`` (caption sources) adds a third array, 'texts' int32 [N, K, L].
   """
+  if with_texts and getattr(source, 'text_spec', None) is None:
+    raise ValueError(f'{source!r} has no captions (no text_spec): with_texts=True needs a '
+                     'caption source (ssl_jax.data.captions).')
   if len(source) == 0:
     raise ValueError(f'{source!r} has no records.')
   n = len(source) if max_examples is None else min(int(max_examples), len(source))
@@ -568,15 +601,18 @@ def make_eval_arrays(source: Any, max_examples: int | None = None,
   if n == 0:
     first = next(make_eval_iterator(source, global_batch_size=1, records=[0],
                                     transform=transform, process_index=0, process_count=1))
-    return first['image'][:0], first['label'][:0]
+    keys = ('image', 'label', 'texts') if with_texts else ('image', 'label')
+    return tuple(first[k][:0] for k in keys)
   return valid_rows(make_eval_iterator(source, global_batch_size=min(chunk_size, n),
                                        records=np.arange(n), transform=transform,
-                                       process_index=0, process_count=1))
+                                       process_index=0, process_count=1),
+                    with_texts=with_texts)
 
 
-def valid_rows(batches) -> tuple[np.ndarray, np.ndarray]:
-  """(images, labels) of the valid rows of evaluation batches, concatenated."""
+def valid_rows(batches, *, with_texts: bool = False) -> tuple[np.ndarray, ...]:
+  """(images, labels) of the valid rows of evaluation batches, concatenated (and texts,
+  with ``with_texts=True``)."""
   chunks = list(batches)
   valid = np.concatenate([c['valid'] for c in chunks])
-  return (np.concatenate([c['image'] for c in chunks])[valid],
-          np.concatenate([c['label'] for c in chunks])[valid])
+  keys = ('image', 'label', 'texts') if with_texts else ('image', 'label')
+  return tuple(np.concatenate([c[k] for c in chunks])[valid] for k in keys)

@@ -28,7 +28,9 @@ and to grain worker processes.
 * `folder.FolderSource` / `folder.folder_source(path, split)`: image files in a folder
   (``root/<class>/<file>`` or ``root/<file>``).
 * `get_source(name, split)`: the registry behind ``--config.data.name``:
-  ``'fashion_mnist'``, ``'tfds:<name>'`` or ``'folder:<path>'``.
+  ``'fashion_mnist'``, ``'tfds:<name>'`` or ``'folder:<path>'``, and the image-caption
+  sources of `ssl_jax.data.captions` (records with 'texts' too): ``'fashion_mnist_captions'``,
+  ``'pairs:<file>'`` and ``'tfds:coco_captions'``.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ from ssl_jax import config_lib
 from ssl_jax.data import folder
 
 __all__ = [
-    'ArraySource', 'FASHION_MNIST_CLASSES', 'FOLDER_PREFIX', 'IdxFormatError', 'KNOWN_SOURCES',
-    'SourceInfo', 'TFDS_PREFIX', 'TfdsSource', 'fashion_mnist', 'fashion_mnist_search_dirs',
+    'ArraySource', 'CAPTION_SOURCES', 'FASHION_MNIST_CLASSES', 'FOLDER_PREFIX', 'IdxFormatError',
+    'KNOWN_SOURCES', 'PAIRS_PREFIX', 'SourceInfo', 'TFDS_PREFIX', 'TfdsSource', 'fashion_mnist', 'fashion_mnist_search_dirs',
     'get_source', 'is_known_name', 'read_idx', 'class_names', 'source_info', 'tfds_source',
 ]
 
@@ -627,9 +629,14 @@ class SourceInfo(NamedTuple):
 
 
 KNOWN_SOURCES: dict[str, Callable[..., Any]] = {'fashion_mnist': fashion_mnist}
-_STATIC_INFO = {'fashion_mnist': SourceInfo((28, 28, 1), 10)}
+# Named caption sources (`ssl_jax.data.captions`), built with the text settings: not in
+# KNOWN_SOURCES, whose entries take only (split, data_dir, download).
+CAPTION_SOURCES = ('fashion_mnist_captions',)
+_STATIC_INFO = {'fashion_mnist': SourceInfo((28, 28, 1), 10),
+                'fashion_mnist_captions': SourceInfo((28, 28, 1), 10)}
 TFDS_PREFIX = 'tfds:'
 FOLDER_PREFIX = 'folder:'
+PAIRS_PREFIX = 'pairs:'
 
 
 def _after(name: str, prefix: str) -> str | None:
@@ -640,12 +647,14 @@ def _after(name: str, prefix: str) -> str | None:
 
 
 def is_known_name(name: str) -> bool:
-  """Whether `get_source` accepts `name`: a `KNOWN_SOURCES` key, 'tfds:<x>' or 'folder:<x>'.
+  """Whether `get_source` accepts `name`: a `KNOWN_SOURCES` or `CAPTION_SOURCES` name,
+  'tfds:<x>', 'folder:<x>' or 'pairs:<x>'.
 
-  Checks the form only: the TFDS dataset or the folder may still not exist.
+  Checks the form only: the TFDS dataset, the folder or the file may still not exist.
   """
-  return (name in KNOWN_SOURCES or _after(name, TFDS_PREFIX) is not None
-          or _after(name, FOLDER_PREFIX) is not None)
+  return (name in KNOWN_SOURCES or name in CAPTION_SOURCES
+          or any(_after(name, p) is not None for p in (TFDS_PREFIX, FOLDER_PREFIX,
+                                                         PAIRS_PREFIX)))
 
 
 def _unknown(name: str) -> ValueError:
@@ -653,7 +662,9 @@ def _unknown(name: str) -> ValueError:
       f'Unknown data source {name!r}; use one of {sorted(KNOWN_SOURCES)}, '
       f"'{TFDS_PREFIX}<tfds dataset name>' (e.g. '{TFDS_PREFIX}cifar10', "
       f"'{TFDS_PREFIX}imagenet2012') or '{FOLDER_PREFIX}<path>' (a folder of images: "
-      '<path>/<class>/<image> or <path>/<image>, optionally in <path>/<split>/ sub-folders).')
+      '<path>/<class>/<image> or <path>/<image>, optionally in <path>/<split>/ sub-folders); '
+      f"for image-text data one of {list(CAPTION_SOURCES)}, '{PAIRS_PREFIX}<file.jsonl|csv>' "
+      f"or '{TFDS_PREFIX}coco_captions'.")
 
 
 def _folder_path(path: str, data_dir: os.PathLike | str | None) -> pathlib.Path:
@@ -670,22 +681,41 @@ class MissingDataError(config_lib.DataError, FileNotFoundError):
 
 
 def get_source(name: str, split: str, data_dir: os.PathLike | str | None = None,
-               download: bool = False):
+               download: bool = False, text: Any = None):
   """'fashion_mnist' -> `fashion_mnist`; 'tfds:<name>' -> `tfds_source`; 'folder:<path>' ->
   `folder.folder_source` (``<path>/<split>`` if that folder exists, else ``<path>`` for every
   split; a relative path is under `data_dir`; `download` does not apply).
 
+  Image-caption sources (`ssl_jax.data.captions`; records also carry 'texts'):
+  'fashion_mnist_captions' -> `captions.fashion_mnist_captions`; 'pairs:<file>' ->
+  `captions.pairs_source` (a relative path is under `data_dir`); 'tfds:coco_captions' (the
+  datasets in `captions.CAPTION_TFDS_DATASETS`) -> `captions.tfds_captions_source`. `text`
+  (``config.text``: a mapping or ConfigDict with tokenizer, context_length,
+  captions_per_image, other fields ignored; missing
+  fields and ``text=None`` take `captions.TextSpec`'s defaults: 'bytes', 32, 5) sets how
+  they tokenize; image sources ignore it.
+
   Data that is missing raises `MissingDataError`, a folder that cannot serve
   `folder.ImageFolderError`: both name the fix."""
   try:
-    return _get_source(name, split, data_dir, download)
+    return _get_source(name, split, data_dir, download, text)
   except (FileNotFoundError, NotADirectoryError) as e:
     if isinstance(e, MissingDataError):
       raise
     raise MissingDataError(str(e)) from e
 
 
-def _get_source(name: str, split: str, data_dir, download: bool):
+def _get_source(name: str, split: str, data_dir, download: bool, text: Any = None):
+  if name in CAPTION_SOURCES or _is_caption_tfds(name) or _after(name, PAIRS_PREFIX):
+    from ssl_jax.data import captions  # pylint: disable=g-import-not-at-top  (imports us)
+
+    if name == 'fashion_mnist_captions':
+      return captions.fashion_mnist_captions(split, data_dir=data_dir, download=download,
+                                             text=text)
+    if (path := _after(name, PAIRS_PREFIX)) is not None:
+      return captions.pairs_source(_folder_path(path, data_dir), split, text=text)
+    return captions.tfds_captions_source(_after(name, TFDS_PREFIX), split, data_dir=data_dir,
+                                         download=download, text=text)
   if (tfds_name := _after(name, TFDS_PREFIX)) is not None:
     return tfds_source(tfds_name, split, data_dir=data_dir, download=download)
   if (path := _after(name, FOLDER_PREFIX)) is not None:
@@ -695,13 +725,29 @@ def _get_source(name: str, split: str, data_dir, download: bool):
   return KNOWN_SOURCES[name](split, data_dir=data_dir, download=download)
 
 
+def _is_caption_tfds(name: str) -> bool:
+  """'tfds:coco_captions' (any version/config): a TFDS dataset served with its captions."""
+  tfds_name = _after(name, TFDS_PREFIX)
+  return tfds_name is not None and tfds_name.split('/')[0].split(':')[0] in _CAPTION_TFDS
+
+
+_CAPTION_TFDS = frozenset({'coco_captions'})  # = captions.CAPTION_TFDS_DATASETS' keys
+
+
 def source_info(name: str, data_dir: os.PathLike | str | None = None, *, split: str = 'train',
                 image_key: str = 'image', label_key: str = 'label') -> SourceInfo:
   """(image_shape, num_classes) of a source without reading its data.
 
   For 'folder:<path>' this lists the top level of the folder serving `split` (classes are
-  its sub-folders); num_classes is None for a flat (unlabelled) folder.
+  its sub-folders); num_classes is None for a flat (unlabelled) folder. For 'pairs:<file>'
+  it reads the pairs file (not the images): num_classes is the largest label + 1, None
+  without labels.
   """
+  if (path := _after(name, PAIRS_PREFIX)) is not None:
+    from ssl_jax.data import captions  # pylint: disable=g-import-not-at-top
+
+    _, _, labels = captions.read_pairs(captions.pairs_path(_folder_path(path, data_dir), split))
+    return SourceInfo((None, None, 3), int(labels.max()) + 1 if (labels != -1).any() else None)
   if (tfds_name := _after(name, TFDS_PREFIX)) is not None:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -719,7 +765,7 @@ def source_info(name: str, data_dir: os.PathLike | str | None = None, *, split: 
 def class_names(name: str, data_dir: os.PathLike | str | None = None,
                 label_key: str = 'label', *, split: str = 'train') -> tuple[str, ...] | None:
   """Human-readable class names (for plot legends), or None when the source has none."""
-  if name == 'fashion_mnist':
+  if name in ('fashion_mnist', 'fashion_mnist_captions'):
     return FASHION_MNIST_CLASSES
   if (tfds_name := _after(name, TFDS_PREFIX)) is not None:
     try:

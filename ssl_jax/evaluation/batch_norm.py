@@ -106,7 +106,8 @@ def _refresh_set(config):
   from ssl_jax.data import sources  # pylint: disable=g-import-not-at-top
   from ssl_jax.evaluation import eval_data  # pylint: disable=g-import-not-at-top
   d = config.data
-  source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir, download=d.download)
+  source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir, download=d.download,
+                              text=config.get('text'))
   return eval_data.make_eval_set(config, source)
 
 

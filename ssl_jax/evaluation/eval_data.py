@@ -133,7 +133,8 @@ def _open_eval_source(config, name: str, split: str):
       root = pathlib.Path(d.data_dir).expanduser() / root  # as get_source resolves it
     if folder.resolved_folder(root, split) == root:
       raise FileNotFoundError(f'{root} has no {split!r} sub-folder')
-  return sources.get_source(name, split, data_dir=d.data_dir, download=d.download)
+  return sources.get_source(name, split, data_dir=d.data_dir, download=d.download,
+                            text=config.get('text'))
 
 
 def plan(config, train_source=None) -> EvalPlan:
@@ -163,7 +164,7 @@ def plan(config, train_source=None) -> EvalPlan:
           f'data.eval_name={name!r} asks for label-based evaluation, but {problem}. {fix}')
     if train_source is None:
       train_source = sources.get_source(d.name, d.train_split, data_dir=d.data_dir,
-                                        download=d.download)
+                                        download=d.download, text=config.get('text'))
     diagnostics = make_eval_set(config, train_source, config.eval.diagnostics_size)
     return EvalPlan(None, None, diagnostics, f'{problem}. {fix}', None)
   bank_classes = getattr(bank, 'class_names', None)

@@ -23,6 +23,9 @@ METHODS = {
     'nnclr': 'ssl_jax.methods.nnclr:NNCLR',
     'adco': 'ssl_jax.methods.adco:AdCo',
     'triplet': 'ssl_jax.methods.triplet:Triplet',
+    'clip': 'ssl_jax.methods.clip:CLIP',
+    'siglip': 'ssl_jax.methods.siglip:SigLIP',
+    'lit': 'ssl_jax.methods.lit:LiT',
 }
 
 

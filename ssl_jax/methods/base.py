@@ -65,6 +65,11 @@ class Method:
   target_networks: ClassVar[tuple[str, ...] | None] = None
   # 'cosine' (`cosine_momentum`, from method.target_momentum to 1) or 'constant'.
   target_momentum_schedule: ClassVar[str] = 'cosine'
+  # Per-example inputs of another modality that the method reads from the batch beside the
+  # image (image-text methods: 'texts', the tokenized captions). The trainer shards them as
+  # it shards the images and appends them to `views`, after the image views and local crops,
+  # in this order; the data source must provide every one of them (checked before training).
+  paired_inputs: ClassVar[tuple[str, ...]] = ()
 
   # --- What every method writes. ---
   #
@@ -112,7 +117,8 @@ class Method:
            rng, step, axis_name: str | None) -> tuple[jnp.ndarray, tuple[Metrics, Params, Any]]:
     """Runs inside `shard_map` on this device's rows of every view.
 
-    `views` holds the global views, then the local crops; `step` is the optimizer step
+    `views` holds the global views, then the local crops, then the `paired_inputs` (rows as
+    the views'); `step` is the optimizer step
     (a traced int32) for schedules inside the loss. Returns the global-batch loss (identical
     on every device) and (metrics, new batch_stats, new method_state); every cross-device
     reduction names `axis_name`, and the new method_state must be identical on every device.
