@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Scalars that clu's LoggingWriter logs and that are evaluations rather than training
 # progress (the progress itself is ssl_jax.train's 'step N/M: loss ...' line).
-EVALUATION_SCALARS = ('knn_top1', 'final/', 'diagnostics/')
+EVALUATION_SCALARS = ('knn_top1', 'final/', 'diagnostics/', 'image_text/')
 _VERBOSITY_FLAG = re.compile(r'^--?(verbosity|v)(=|$)')
 
 
