@@ -237,7 +237,7 @@ def run_row(row: Row, built, compiled, shape, timed_steps: int, warmup_steps: in
     before = rss_bytes()
     with RssSampler() as rss:
       start = time.perf_counter()
-      state, metrics = compiled(state, images, labels)  # donates the previous state
+      state, metrics = compiled(state, images, labels, ())  # donates the previous state
       jax.block_until_ready((state, metrics))
       seconds = time.perf_counter() - start
     growth, peak = max(growth, rss.peak - before), max(peak, rss.peak)

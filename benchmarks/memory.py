@@ -251,7 +251,7 @@ def measured_step_rss(built, compiled, batch: int) -> int:
   sampler = threading.Thread(target=sample)
   sampler.start()
   try:
-    jax.block_until_ready(compiled(state, images, labels))
+    jax.block_until_ready(compiled(state, images, labels, ()))
   finally:
     done.set()
     sampler.join()

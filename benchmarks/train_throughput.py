@@ -99,7 +99,7 @@ def time_steps(compiled, state, images, labels, steps: int, warmup_steps: int) -
   times = []
   for i in range(warmup_steps + steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, images, labels)
+    state, metrics = compiled(state, images, labels, ())  # no paired inputs
     jax.block_until_ready((state, metrics))
     if i >= warmup_steps:
       times.append(time.perf_counter() - start)

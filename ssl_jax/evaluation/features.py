@@ -79,13 +79,19 @@ def extract_features(encode_fn, images_uint8: np.ndarray, batch_size: int = 1024
   """
   apply, variables = encoder_parts(encode_fn)
   encode = jax.jit(lambda v, x: apply(v, preprocess(x, image_size)))
+  return map_padded_batches(lambda batch: encode(variables, batch), images_uint8, batch_size)
+
+
+def map_padded_batches(fn, rows: np.ndarray, batch_size: int) -> np.ndarray:
+  """`fn` over `rows` in batches of `batch_size`, the last padded with zero rows so that one
+  compiled shape serves every batch; the outputs of the real rows, concatenated."""
   outputs = []
-  for start in range(0, len(images_uint8), batch_size):
-    batch = images_uint8[start:start + batch_size]
+  for start in range(0, len(rows), batch_size):
+    batch = rows[start:start + batch_size]
     pad = batch_size - len(batch)
     if pad:
       batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-    outputs.append(np.asarray(encode(variables, batch))[:batch_size - pad])
+    outputs.append(np.asarray(fn(batch))[:batch_size - pad])
   return np.concatenate(outputs)
 
 

@@ -45,14 +45,7 @@ def _embedders(method, state):
 
 def _text_batches(tokens: np.ndarray, embed, batch_size: int) -> np.ndarray:
   """Embeddings of tokens [N, L] in fixed-size batches (one compiled shape)."""
-  out = []
-  for start in range(0, len(tokens), batch_size):
-    chunk = tokens[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(embed(chunk)[:batch_size - pad])
-  return np.concatenate(out)
+  return features.map_padded_batches(embed, tokens, batch_size)
 
 
 def templates_of(source) -> tuple[str, ...]:
