@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ssl_jax.data import text as text_data
 from ssl_jax.methods.base import Method
+from ssl_jax.methods.common import concatenated_views
 from ssl_jax.models import DTYPES, build_encoder
 from ssl_jax.models.image_text import ImageTextModel
 from ssl_jax.models.text_transformer import SIZES as TEXT_SIZES
@@ -115,7 +116,9 @@ class ImageTextMethod(Method):
   def forward(self, params, batch_stats, views, rng, axis_name, first_row):
     images, texts = views
     tokens = sample_captions(rng, texts, first_row)
-    network = self.network(axis_name)
+    # Told the rows' place in the global batch: drop-path masks follow each example's global
+    # index, so micro-batches and any device count draw the whole batch's masks.
+    network = concatenated_views(self.network(axis_name), images.shape[0], first_row)
     variables = {'params': params, 'batch_stats': batch_stats}
     if self.lock_image:  # inference mode: nothing of the image tower changes
       image, text, _ = network.apply(variables, images, tokens, train=True)
