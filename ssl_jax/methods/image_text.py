@@ -5,8 +5,7 @@ the three files subclasses `ImageTextMethod` and writes its objective.
 The batch carries each image's K tokenized captions ('texts', int32 [B, K, L], from the
 caption sources of `data.captions`); every step one of them is drawn per image, keyed by the
 step's loss key and the image's index in the global batch, so the draw does not depend on the
-number of devices (COCO's five captions per image are used as the CLIP and LiT papers do:
-one sampled at random each time the image is seen).
+number of devices (COCO has five captions per image: each is seen about equally often).
 """
 
 from __future__ import annotations
