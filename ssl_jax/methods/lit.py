@@ -66,6 +66,8 @@ class LiT(ImageTextMethod):
       tower = load_image_tower(self.config.method.image_tower,
                                self.config.method.get('image_tower_step') or None)
     object.__setattr__(self, '_tower', tower)
+    # The text projection's width, traced once here rather than at every network build.
+    object.__setattr__(self, '_feature_dim', feature_dim(self.config.model))
 
   @classmethod
   def method_problems(cls, config) -> list[str]:
@@ -88,7 +90,7 @@ class LiT(ImageTextMethod):
     return self.config.method.init_bias if self.config.method.loss == 'sigmoid' else None
 
   def network(self, axis_name=None) -> ImageTextModel:
-    return super().network(axis_name).clone(embed_dim=feature_dim(self.config.model))
+    return super().network(axis_name).clone(embed_dim=self._feature_dim)
 
   def init(self, rng, images):
     params, batch_stats, state = super().init(rng, images)
