@@ -48,6 +48,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# vit.py's Linear layers: truncated normal 0.02 weights, zero biases (timm's and DINO's init).
+from ssl_jax.models.vit import _dense
+
 POOLINGS = ('eot', 'mean')
 ACTIVATIONS = ('gelu', 'quick_gelu')
 # name: (width, depth, heads); the MLP is 4 x width wide. 'text_micro' is for CPU tests and
@@ -62,9 +65,6 @@ SIZES = {
 CLIP_VOCAB_SIZE = 49408
 CLIP_CONTEXT_LENGTH = 77
 
-_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
-
-
 def text_tower_sizes() -> dict[str, tuple[int, int, int]]:
   """`SIZES`, a copy: name -> (width, depth, heads)."""
   return dict(SIZES)
@@ -73,11 +73,6 @@ def text_tower_sizes() -> dict[str, tuple[int, int, int]]:
 def _layer_norm(name: str) -> nn.LayerNorm:
   # float32 whatever the compute dtype; two-pass variance as vit.py's; CLIP's epsilon.
   return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False, name=name)
-
-
-def _dense(features: int, dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, kernel_init=_trunc_normal,
-                  bias_init=nn.initializers.zeros, name=name)
 
 
 def caption_end(tokens, eot_id: int, pad_id: int):
