@@ -12,9 +12,16 @@ extracted once per encoder:
   linear       linear probe top-1 (L2 strength chosen on a validation split of the training set)
   lowlabel     linear probe trained on 1% and 10% of the training labels (fixed seeded subsets)
   diagnostics  effective rank (RankMe), spread, alignment and uniformity of the features
+  finetune     (opt-in: not in the default --evals, it trains) the whole encoder and a new
+               linear classifier fine-tuned on the same 1% and 10% subsets, SimCLR v2's
+               protocol (evaluation/finetune.py); the trained and random-init encoders only
   image_text   image-text methods (CLIP, SigLIP, LiT) only: zero-shot top-1/top-5 from class-name
                prompts, image <-> text retrieval recall@1/5/10 on the test captions, the
                modality gap and each tower's diagnostics (evaluation/image_text_eval.py)
+
+--transfer=<dataset> (e.g. tfds:mnist, folder:/path with train/ and test/ class folders) adds
+rows '<encoder> -> <dataset>': the kNN and linear probe of each frozen encoder fitted on that
+dataset's training split and scored on its test split (evaluation/transfer.py).
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import os
 from absl import flags, logging
 
 FLAGS = flags.FLAGS
-EVALS = ('knn', 'linear', 'lowlabel', 'diagnostics', 'image_text')
+DEFAULT_EVALS = ('knn', 'linear', 'lowlabel', 'diagnostics', 'image_text')
+EVALS = DEFAULT_EVALS + ('finetune',)  # fine-tuning trains networks: opt-in
 flags.DEFINE_string('workdir', None, 'Workdir of a training run (holds config.json and '
                     'checkpoints/).')
-flags.DEFINE_list('evals', list(EVALS), f'Evaluations to run, from {EVALS}.')
+flags.DEFINE_list('evals', list(DEFAULT_EVALS), f'Evaluations to run, from {EVALS}.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate; default the latest.')
 flags.DEFINE_integer('bank_size', 0, 'Use N training examples spread evenly over the split '
                      '(0 = all).')
@@ -38,10 +46,15 @@ flags.DEFINE_bool('baselines', True, 'Also score the random-init encoder and raw
 flags.DEFINE_enum('embedding', 'pca', ['pca', 'tsne', 'none'],
                   'The 2-D embedding plot of the trained encoder\'s test features.')
 flags.DEFINE_integer('seed', 0, 'Seed of the low-label subsets and validation splits.')
+flags.DEFINE_string('transfer', None, 'Also score the frozen encoders on this labelled '
+                    "dataset's train/test splits (tfds:<name>, folder:<path>).")
+flags.DEFINE_bool('finetune_keep_projector_layer', False, '--evals=finetune fine-tunes from '
+                  "the projection head's first layer (SimCLR v2), not from the encoder.")
 
 # Table columns: (result key, header).
 _COLUMNS = (('knn_top1', 'kNN'), ('linear_top1', 'linear'), ('lowlabel_1%', '1% labels'),
-            ('lowlabel_10%', '10% labels'), ('effective_rank', 'eff. rank'),
+            ('lowlabel_10%', '10% labels'), ('finetune_1%', 'fine-tune 1%'),
+            ('finetune_10%', 'fine-tune 10%'), ('effective_rank', 'eff. rank'),
             ('std_fraction', 'spread'), ('alignment', 'align'), ('uniformity', 'uniform'),
             ('zero_shot_top1', 'zero-shot'), ('i2t_recall@1', 'I->T R@1'),
             ('i2t_recall@5', 'I->T R@5'), ('t2i_recall@1', 'T->I R@1'),
@@ -81,25 +94,28 @@ def evaluate_features(train, test, evals, *, knn_k=200, knn_temperature=0.07, se
 
 def format_table(rows: dict) -> str:
   """rows: {encoder name: results}; columns only for results some row has."""
-  columns = [(key, head) for key, head in _COLUMNS if any(key in r for r in rows.values())]
+  columns = [(key, head, max(12, len(head) + 2)) for key, head in _COLUMNS
+             if any(key in r for r in rows.values())]
   name_width = max(len(n) for n in rows) + 2
-  lines = [''.ljust(name_width) + ''.join(f'{head:>12}' for _, head in columns)]
+  lines = [''.ljust(name_width) + ''.join(f'{head:>{w}}' for _, head, w in columns)]
   for name, row in rows.items():
-    cells = ''.join(f'{row[key]:>12.4f}' if key in row else f'{"-":>12}'
-                    for key, _ in columns)
+    cells = ''.join(f'{row[key]:>{w}.4f}' if key in row else f'{"-":>{w}}'
+                    for key, _, w in columns)
     lines.append(name.ljust(name_width) + cells)
   return '\n'.join(lines)
 
 
-def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_size: int = 0,
-                     test_size: int = 0, baselines: bool = True, embedding: str = 'pca',
-                     seed: int = 0) -> dict:
+def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
+                     bank_size: int = 0, test_size: int = 0, baselines: bool = True,
+                     embedding: str = 'pca', seed: int = 0, transfer: str | None = None,
+                     finetune_keep_projector_layer: bool = False) -> dict:
   """Runs the evaluations; returns {'step', 'rows': {encoder: results}} and writes it to
-  workdir/evaluation/step_<step>.json (and the embedding plot beside it)."""
+  workdir/evaluation/step_<step>.json (and the embedding plot beside it). `transfer`: a
+  dataset name whose rows '<encoder> -> <dataset>' are added (evaluation/transfer.py)."""
   import numpy as np
 
   from ssl_jax import pretrained
-  from ssl_jax.evaluation import batch_norm, eval_data, image_text_eval
+  from ssl_jax.evaluation import batch_norm, eval_data, features, finetune, image_text_eval
   from ssl_jax.evaluation.monitor import DiagnosticsMonitor
   from ssl_jax.methods import frozen_encoder
 
@@ -115,6 +131,9 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
     raise eval_data.EvaluationConfigError(
         f'--evals={",".join(labelled_evals)} need labelled images, but '
         f'{evaluation_plan.off_reason} Or run only --evals=diagnostics.')
+  if transfer:  # a missing dataset fails before the long work
+    from ssl_jax.evaluation import transfer as transfer_lib
+    transfer_lib.check_request(config, transfer, evals)
   monitor = DiagnosticsMonitor.from_config(config, evaluation_plan)
   # Batches sharded over every device when the batch size allows it.
   mesh = model.setup.mesh  # the one the state is laid out on
@@ -138,6 +157,8 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
     queries = evaluation_plan.queries.limited(test_size)
   num_classes = (len(evaluation_plan.class_names) if evaluation_plan.class_names else None)
   rows, embedded = {}, None
+  # Features are extracted only for the evaluations that read them.
+  feature_evals = [name for name in evals if name in ('knn', 'linear', 'lowlabel')]
   for name, encode_fn in encoders.items():
     raw = encode_fn is raw_pixels
     dims = (bank or evaluation_plan.diagnostics).image_dims
@@ -145,7 +166,7 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
       logging.info('Raw pixels left out: %d values per image is too many.', dims)
       continue
     diagnostics_fn = lambda: monitor.measure(encode_fn)[0]
-    if bank is None:
+    if bank is None or not feature_evals:
       rows[name] = evaluate_features(None, None, evals, diagnostics_fn=diagnostics_fn)
       continue
     logging.info('Evaluating %s...', name)
@@ -158,6 +179,25 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
         train, test, evals, knn_k=e.knn_k, knn_temperature=e.knn_temperature, seed=seed,
         num_classes=num_classes or int(max(train[1].max(), test[1].max()) + 1),
         diagnostics_fn=diagnostics_fn)
+  if 'finetune' in evals:
+    if num_classes is None:
+      num_classes = int(max(finetune.eval_set_labels(bank).max(),
+                            finetune.eval_set_labels(queries).max()) + 1)
+    for name in [n for n in ('trained encoder', 'random-init encoder') if n in encoders]:
+      logging.info('Fine-tuning the %s on 1%% and 10%% of the labels...', name)
+      params, batch_stats = features.local_copy(encoders[name].variables)
+      for fraction, result in finetune.low_label_fine_tune(
+          config, params, batch_stats, bank, queries, num_classes=num_classes, seed=seed,
+          image_size=e.image_size or None, eval_batch_size=e.batch_size,
+          keep_projector_layer=finetune_keep_projector_layer).items():
+        rows[name][f'finetune_{fraction}'] = result['test_accuracy']
+        rows[name][f'finetune_{fraction}_num_labels'] = result['num_labels']
+        rows[name][f'finetune_{fraction}_seconds'] = result['seconds']
+  if transfer:
+    logging.info('Transfer to %s...', transfer)
+    rows.update(transfer_lib.transfer_rows(config, encoders, transfer, evals,
+                                           raw_pixels=raw_pixels, bank_size=bank_size,
+                                           test_size=test_size, seed=seed, mesh=mesh))
   if 'image_text' in evals and image_text_eval.is_image_text(model.method):
     states = {'trained encoder': model.state}
     if baselines:
@@ -190,7 +230,8 @@ def evaluate_workdir(workdir: str, evals=EVALS, step: int | None = None, bank_si
 def main(argv):
   del argv
   result = evaluate_workdir(FLAGS.workdir, FLAGS.evals, FLAGS.step, FLAGS.bank_size,
-                            FLAGS.test_size, FLAGS.baselines, FLAGS.embedding, FLAGS.seed)
+                            FLAGS.test_size, FLAGS.baselines, FLAGS.embedding, FLAGS.seed,
+                            FLAGS.transfer, FLAGS.finetune_keep_projector_layer)
   print(f'Step {result["step"]}: {result["num_train"]} training / {result["num_test"]} test '
         'examples')
   print(format_table(result['rows']), flush=True)

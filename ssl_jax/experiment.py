@@ -76,7 +76,8 @@ def build(config, *, num_train_examples: int, image_channels: int, mesh=None) ->
   schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, total_steps,
                                           warmup_steps)
   method = build_method(config, RunLength(total_steps,
-                                          steps_per_epoch(config, num_train_examples)))
+                                          steps_per_epoch(config, num_train_examples),
+                                          num_train_examples))
   tx = optim.make_optimizer(config.optimizer, schedule, method.frozen_steps())
   probe = None
   if config.eval.online_probe:

@@ -56,12 +56,18 @@ def build(config, mesh=None):
   return built, train_source
 
 
+# Per-example inputs that every training batch carries whatever the source (`pipeline`):
+# 'index', each row's record index, for methods that keep per-example state (DeepCluster-v2).
+ALWAYS_PROVIDED = ('index',)
+
+
 def _check_paired_inputs(config, train_source):
   """A method that reads another modality beside the image (`Method.paired_inputs`: CLIP's
-  captions) needs a source whose records carry it."""
+  captions) needs a source whose records carry it; 'index' comes with every batch."""
   from ssl_jax import methods  # the registry, as config_lib imports it
   wanted = methods.method_class(config.method.name).paired_inputs
-  missing = [name for name in wanted if name not in train_source[0]]
+  missing = [name for name in wanted
+             if name not in ALWAYS_PROVIDED and name not in train_source[0]]
   if missing:
     raise config_lib.ConfigError(
         f'{config.method.name} trains on images paired with {", ".join(missing)}, which '

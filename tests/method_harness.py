@@ -53,10 +53,18 @@ def random_captions(config, batch_size: int, seed: int = 0) -> np.ndarray:
   return tokens
 
 
+# The training set size that methods with per-example state (DeepCluster-v2's memory bank)
+# are built for when a test gives no RunLength; 'index' inputs are drawn from it.
+NUM_EXAMPLES = 1024
+
+
 def paired_inputs(config, method, batch_size: int, seed: int = 0) -> tuple:
-  """The batch's arrays that `method.paired_inputs` names (captions), random."""
-  return tuple(random_captions(config, batch_size, seed) for name in method.paired_inputs
-               if name == 'texts')
+  """The batch's arrays that `method.paired_inputs` names: random captions, or distinct
+  random record indices below `NUM_EXAMPLES`."""
+  arrays = {'texts': lambda: random_captions(config, batch_size, seed),
+            'index': lambda: np.random.default_rng(seed + 2000).permutation(
+                NUM_EXAMPLES)[:batch_size].astype(np.int32)}
+  return tuple(arrays[name]() for name in method.paired_inputs)
 
 
 def shrink(config, batch_size: int = 32, crop: int = 12):
@@ -111,6 +119,9 @@ def tiny_vit_config(name: str, drop_path_rate: float = 0.0, batch_size: int = 32
 
 def init_method(config, run_length: RunLength | None = None, seed: int = 0):
   """(method, params, batch_stats, target_params, method_state) at initialisation."""
+  if run_length is None:
+    run_length = RunLength(total_steps=max(1, config.total_steps), steps_per_epoch=1,
+                           num_examples=NUM_EXAMPLES)
   method = build_method(config, run_length)
   size = config.augment.crop_size
   params, batch_stats, method_state = jax.jit(

@@ -112,10 +112,14 @@ def test_bfloat16_training_state_is_float32(name):
   optimizer keeping its moments in bfloat16, or a queue, bank or centre stored in bfloat16:
   LARS's updates are ~1e-3 of a weight, below bfloat16's resolution of 2^-8, so bfloat16
   weights would not train."""
-  config = bfloat16_config(harness.shrink(harness.load_config(name), batch_size=8))
-  built = experiment.build(config, num_train_examples=config.batch_size, image_channels=1,
-                           mesh=parallel.make_mesh(1))
-  state = jax.eval_shape(built.init_fn, jax.random.PRNGKey(0))
+  vit_only = name == 'mae'  # it masks patch tokens: the tiny ViT
+  with harness.tiny_vit_registered():
+    config = bfloat16_config(harness.tiny_vit_config(name, batch_size=8) if vit_only else
+                             harness.shrink(harness.load_config(name), batch_size=8))
+    # Enough examples for DeepCluster-v2's clusters (its memory bank has one row each).
+    built = experiment.build(config, num_train_examples=1024, image_channels=1,
+                             mesh=parallel.make_mesh(1))
+    state = jax.eval_shape(built.init_fn, jax.random.PRNGKey(0))
   for field in ('params', 'opt_state', 'target_params', 'batch_stats', 'method_state',
                 'probe_params', 'probe_opt_state'):
     dtypes = floating_dtypes(getattr(state, field))

@@ -14,7 +14,8 @@ from method_harness import init_method, load_config, shrink
 from ssl_jax.evaluation import batch_norm
 from ssl_jax.evaluation.final import final_evaluation
 from ssl_jax.evaluation.monitor import KnnEvaluator
-from ssl_jax.methods import METHODS, build_method, evaluated_variables, frozen_encoder
+from ssl_jax.methods import (METHODS, RunLength, build_method, evaluated_variables,
+                             frozen_encoder)
 from ssl_jax.models import build_encoder
 
 
@@ -96,13 +97,16 @@ def test_refresh_stores_the_population_statistics_of_each_layer_input():
       jax.jit(batch_norm.refreshed_frozen_encoder(config, method, state))(x), initial)
 
 
-@pytest.mark.parametrize('name', sorted(METHODS))
+# MAE's encoder is a ViT, without BatchNorm to refresh (tests/test_mae.py checks that
+# `encode` is the plain ViT).
+@pytest.mark.parametrize('name', sorted(set(METHODS) - {'mae'}))
 def test_every_method_evaluates_its_encoder_submodule(name):
   """What the refresh relies on: the evaluated network's parameters and statistics hold an
   'encoder' subtree, and `method.encode` is `build_encoder(config.model)` on it in inference
   mode, so refreshing that subtree refreshes what evaluation scores."""
   config = shrink(load_config(name))  # each method has configs/<name>.py
-  method = build_method(config)
+  # A training set as large as DeepCluster-v2's clusters need (a memory row per example).
+  method = build_method(config, RunLength(total_steps=1, steps_per_epoch=1, num_examples=1024))
   x = jax.random.uniform(jax.random.PRNGKey(2), (4, 12, 12, 1))
 
   @jax.jit  # one compilation per method: init, then both ways of encoding

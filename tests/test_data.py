@@ -287,7 +287,7 @@ def test_batches_have_the_record_format(indexed_source):
   it = train_iter(indexed_source, global_batch_size=8, process_index=1, process_count=2)
   assert isinstance(it, grain.DatasetIterator)
   batch = next(it)
-  assert set(batch) == {'image', 'label'}
+  assert set(batch) == {'image', 'label', 'index'}
   assert batch['image'].dtype == np.uint8 and batch['image'].shape == (4, 3, 2, 1)
   assert batch['label'].dtype == np.int32 and batch['label'].shape == (4,)
   np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batch['label'] % 251)

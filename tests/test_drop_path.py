@@ -66,7 +66,8 @@ def test_mask_follows_the_global_batch_not_the_device():
 def _vit_calls(config):
   """(rows, rows_per_view, has a dropout rng) of each ViT call that the method's loss makes,
   traced on one device with abstract values (nothing is compiled)."""
-  method = build_method(config, RunLength(total_steps=10, steps_per_epoch=1))
+  method = build_method(config, RunLength(total_steps=10, steps_per_epoch=1,
+                                          num_examples=mh.NUM_EXAMPLES))
   views = mh.make_views(config, method, BATCH)
   params, batch_stats, state = jax.eval_shape(
       lambda r: method.init(r, jnp.zeros((2, 16, 16, 1))), jax.random.PRNGKey(0))

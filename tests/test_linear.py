@@ -55,7 +55,10 @@ def test_fit_matches_sklearn_weights(digits):
 
 
 def test_chosen_l2_is_best_on_validation_from_grid(probe):
-  assert set(probe['val_accuracy']) == set(linear.DEFAULT_L2_GRID)
+  # The path runs from the strongest strength down and may stop early (PATH_PATIENCE).
+  fitted = sorted(linear.DEFAULT_L2_GRID, reverse=True)[:len(probe['val_accuracy'])]
+  assert set(probe['val_accuracy']) == set(fitted)
+  assert probe['folds'] == linear.CV_FOLDS  # 120 held out would be < MIN_HOLDOUT
   assert probe['l2'] in linear.DEFAULT_L2_GRID
   best = max(probe['val_accuracy'].values())
   assert probe['val_accuracy'][probe['l2']] == best
@@ -170,7 +173,7 @@ def test_probe_fits_the_path_strong_to_weak_from_the_previous_solution(digits, m
 
   monkeypatch.setattr(linear, '_solve', recording_solve)
   grid = (1e-4, 1.0, 1e-2)
-  result = linear.linear_probe(*digits, l2_grid=grid)
+  result = linear.linear_probe(*digits, l2_grid=grid, folds=1)
   *path, refit = calls
   assert [c['l2'] for c in path] == [1.0, 1e-2, 1e-4] and all(c['weighted'] for c in path)
   # The strongest starts from zero, the others from the previous solution and history.
@@ -257,8 +260,8 @@ def test_carried_history_is_the_previous_pairs_shifted_for_the_new_l2(digits):
 
 def test_warm_starts_save_iterations(digits):
   # The same validation-split fit at 1e-3, first in the path (from zero) or after 1e-2.
-  cold = linear.linear_probe(*digits, l2_grid=(1e-3, 1e-4))
-  warm = linear.linear_probe(*digits, l2_grid=(1e-2, 1e-3))
+  cold = linear.linear_probe(*digits, l2_grid=(1e-3, 1e-4), folds=1)
+  warm = linear.linear_probe(*digits, l2_grid=(1e-2, 1e-3), folds=1)
   assert warm['val_iterations'][1e-3] < 0.8 * cold['val_iterations'][1e-3]
   # The refit from the validation-split solution, against one from zero (single-value grid).
   from_zero = linear.linear_probe(*digits, l2_grid=(warm['l2'],))
@@ -266,7 +269,7 @@ def test_warm_starts_save_iterations(digits):
 
 
 def test_iterations_reported_and_capped(digits):
-  result = linear.linear_probe(*digits, l2_grid=(1e-1, 1e-3), max_iter=3)
+  result = linear.linear_probe(*digits, l2_grid=(1e-1, 1e-3), max_iter=3, folds=1)
   assert set(result['val_iterations']) == {1e-1, 1e-3}
   assert all(1 <= n <= 3 for n in result['val_iterations'].values())
   assert 1 <= result['iterations'] <= 3
@@ -277,9 +280,72 @@ def test_features_without_class_signal_stop_early():
   # tolerance's reference, is rounding noise; the fit must not run to max_iter.
   labels = np.arange(1000) % 5
   result = linear.linear_probe(np.ones((1000, 8), np.float32), labels,
-                               np.ones((100, 8), np.float32), labels[:100], l2_grid=(1e-2, 1e-4))
+                               np.ones((100, 8), np.float32), labels[:100], l2_grid=(1e-2, 1e-4),
+                               folds=1)
   assert max(result['val_iterations'].values()) < 50 and result['iterations'] < 50
   assert result['test_accuracy'] == pytest.approx(0.2)
+
+
+WIDE_GRID = tuple(float(f'1e{k}') for k in range(-6, 3))
+
+
+def test_path_stops_after_patience_strengths_without_a_better_validation_accuracy(digits):
+  whole = linear.linear_probe(*digits, l2_grid=WIDE_GRID, folds=1, path_patience=None)
+  assert set(whole['val_accuracy']) == set(WIDE_GRID)
+  # Where the path must stop, from the whole path's validation accuracies (the path up to
+  # the stop is the same computation, so the same numbers).
+  best, since_best, expected = -1.0, 0, []
+  for l2 in sorted(WIDE_GRID, reverse=True):
+    expected.append(l2)
+    since_best = 0 if whole['val_accuracy'][l2] > best else since_best + 1
+    best = max(best, whole['val_accuracy'][l2])
+    if since_best >= 2:
+      break
+  assert len(expected) < len(WIDE_GRID)  # not vacuous: the path does stop early here
+  short = linear.linear_probe(*digits, l2_grid=WIDE_GRID, folds=1, path_patience=2)
+  assert list(short['val_accuracy']) == expected
+  assert short['val_accuracy'] == {l2: whole['val_accuracy'][l2] for l2 in expected}
+  assert short['l2'] == whole['l2'] and short['test_accuracy'] == whole['test_accuracy']
+
+
+def test_validation_folds_stratified_disjoint_covering_and_seeded():
+  labels = np.repeat(np.arange(3), [10, 7, 3])
+  folds = linear.validation_folds(labels, 4, seed=0)
+  vals = [val for _, val in folds]
+  np.testing.assert_array_equal(np.sort(np.concatenate(vals)), np.arange(len(labels)))
+  for fit, val in folds:
+    assert not set(fit) & set(val) and len(fit) + len(val) == len(labels)
+  assert max(map(len, vals)) - min(map(len, vals)) <= 1
+  # Each class spread as evenly as it can be: 10 -> 2-3 per fold, 7 -> 1-2, 3 -> 0-1.
+  for c, (low, high) in enumerate(((2, 3), (1, 2), (0, 1))):
+    assert all(low <= np.sum(labels[val] == c) <= high for val in vals)
+  again = linear.validation_folds(labels, 4, seed=0)
+  assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+  other = linear.validation_folds(labels, 4, seed=1)
+  assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
+
+
+def test_choose_folds_cross_validates_small_training_sets():
+  assert linear.choose_folds(60_000, 0.1) == 1       # 6,000 held out
+  assert linear.choose_folds(10_000, 0.1) == 1       # 1,000 held out
+  assert linear.choose_folds(6_000, 0.1) == linear.CV_FOLDS
+  assert linear.choose_folds(600, 0.1) == linear.CV_FOLDS
+
+
+def test_cross_validated_accuracy_is_the_mean_over_the_folds(digits):
+  x_train, y_train, x_test, y_test = digits
+  l2 = 1.0  # the strongest: every fold's fit starts from zero, like the independent fits here
+  result = linear.linear_probe(x_train, y_train, x_test, y_test, l2_grid=(l2, 1e-3),
+                               folds=3, seed=5)
+  assert result['folds'] == 3
+  correct = 0
+  for fit, val in linear.validation_folds(y_train, 3, seed=5):
+    mean, std = linear.standardization(x_train[fit])
+    params = linear.fit_logistic_regression((x_train[fit] - mean) / std, y_train[fit], l2, 10)
+    correct += np.sum(linear.predict(params, (x_train[val] - mean) / std) == y_train[val])
+  # The same objective solved to the same tolerance from zero: at most a tie-level
+  # difference of an example or two.
+  assert abs(result['val_accuracy'][l2] - correct / len(y_train)) <= 2 / len(y_train)
 
 
 def test_history_size():

@@ -139,7 +139,8 @@ def test_outputs_are_per_view_rows(name):
   their leading axis (what lets micro-batches concatenate), checked by shapes alone: catches
   an output left as the views' concatenation."""
   config = _layer_norm_config(name)
-  method = build_method(config)
+  method = build_method(config, RunLength(total_steps=1, steps_per_epoch=1,
+                                          num_examples=mh.NUM_EXAMPLES))
   size = config.augment.crop_size
   params, batch_stats, state = jax.eval_shape(
       lambda r: method.init(r, jnp.zeros((2, size, size, 1))), jax.random.PRNGKey(0))

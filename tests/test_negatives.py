@@ -202,7 +202,7 @@ def test_config_validation_names_the_fix():
     config_lib.validate(load_config(name), 8)  # the shipped configs are valid
   c = load_config('simclr_debiased')
   c.method.negatives = 'debaised'
-  assert "use one of ('uniform', 'debiased', 'hard')" in _problems(c)
+  assert "use one of ('uniform', 'debiased', 'hard', 'decoupled')" in _problems(c)
   c = load_config('simclr_debiased')
   c.method.tau_plus = 1.0
   assert 'needs method.tau_plus in [0, 1)' in _problems(c)

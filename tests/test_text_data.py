@@ -392,7 +392,7 @@ def test_pipeline_texts_fixed_size_source():
   # Image-only sources are unchanged.
   plain = next(pipeline.make_train_iterator(_indexed_images(50), global_batch_size=8, seed=0,
                                             process_index=0, process_count=1))
-  assert set(plain) == {'image', 'label'}
+  assert set(plain) == {'image', 'label', 'index'}
   with pytest.raises(ValueError, match='no captions'):
     pipeline.make_eval_arrays(_indexed_images(5), with_texts=True)
 

@@ -391,7 +391,8 @@ def test_every_method_config_builds_a_cpu_vit():
     for field in ('projector_hidden_dim', 'projector_output_dim', 'predictor_hidden_dim'):
       assert m.get(field, 0) <= 512, (name, field)
     assert m.get('num_prototypes', 0) <= 4096 and m.get('queue_size', 0) <= 4096, name
-    method = build_method(config, RunLength(total_steps=100, steps_per_epoch=10))
+    method = build_method(config, RunLength(total_steps=100, steps_per_epoch=10,
+                                            num_examples=60000))
     size = config.augment.crop_size
     params, _, _ = jax.eval_shape(lambda r, m=method, s=size: m.init(r, jnp.zeros((2, s, s, 1))),
                                   RNG)

@@ -27,6 +27,11 @@ views, and the iterator state is the same kind of position, so everything below 
 both. `make_eval_iterator` reads evaluation batches the same way, in order, padded at the
 end, with the evaluation transform (short-side resize, central crop) for encoded images.
 
+Every training batch carries 'index', int32 [n]: each row's record index in the source (for
+methods that keep per-example state, as DeepCluster-v2's memory bank; `Method.paired_inputs`
+asks for it like any other input). A batch that crosses an epoch boundary may hold a record
+twice.
+
 Image-caption sources (`ssl_jax.data.captions`) add 'texts' (int32 [K, L] a record) to
 their records; every batch of such a source carries it, int32 [n, K, L], row for row with
 its images (a skipped image's row has its replacement's texts; an invalid evaluation row
@@ -190,7 +195,8 @@ class _ReadHostBatch:
     self.source, self.order = source, order
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    return read_batch(self.source, self.order.indices(int(step)))
+    indices = self.order.indices(int(step))
+    return dict(read_batch(self.source, indices), index=indices.astype(np.int32))
 
 
 # A file that cannot be read (OSError) or decoded.
@@ -202,8 +208,9 @@ MAX_CONSECUTIVE_CORRUPT = 64
 
 
 class _CropExample:
-  """This host's `element`-th example -> {'views', 'label', 'skipped'} (+ 'texts' for a
-  caption source, those of the record whose image was cropped): the record at its
+  """This host's `element`-th example -> {'views', 'label', 'skipped', 'index'} (+ 'texts'
+  for a caption source; 'texts', 'label' and 'index' are those of the record whose image was
+  cropped, the replacement's for a skipped image): the record at its
   stream position decoded and cropped once per view (`host_crop`), each view's randomness
   from (seed, position, view) only, so any number of hosts or workers, and a resumed run,
   make the same views.
@@ -236,7 +243,7 @@ class _CropExample:
               'That is not a few bad files: check the path and the files\' format.') from e
     views = host_crop.random_views(image, self.specs, self.order.seed, position)
     example = {'views': views, 'label': np.int32(record['label']),
-               'skipped': np.int32(skipped)}
+               'skipped': np.int32(skipped), 'index': np.int32(index)}
     if 'texts' in record:  # the replacement's captions when the image was skipped
       example['texts'] = np.asarray(record['texts'], np.int32)
     return example
@@ -295,9 +302,10 @@ def make_train_iterator(source: Any, *, global_batch_size: int, seed: int,
 
   Returns:
     A `StepIterator` (a grain DatasetIterator) of {'image': uint8 [per_host, H, W, C],
-    'label': int32 [per_host]}, or with `crop_specs` of {'views': (uint8 [per_host, s, s, C]
-    per view), 'label': int32 [per_host], 'skipped': int32 [per_host]} ('skipped': how
-    many undecodable images each row replaced); caption sources add 'texts': int32
+    'label': int32 [per_host], 'index': int32 [per_host]}, or with `crop_specs` of
+    {'views': (uint8 [per_host, s, s, C] per view), 'label', 'index', 'skipped': int32
+    [per_host]} ('index': each row's record index in the source; 'skipped': how many
+    undecodable images each row replaced); caption sources add 'texts': int32
     [per_host, K, L]. See the module docstring for saving it with orbax.
   """
   if process_index is None or process_count is None:

@@ -11,6 +11,13 @@ classifier is refitted on the whole training set with that strength (Kornblith e
 "Do Better ImageNet Models Transfer Better?", sec. 3; SimCLR, Chen et al. 2020, app. B.5).
 The objective is scikit-learn's LogisticRegression divided by C * n, so l2 = 1 / (C * n).
 
+The validation split is 10 % of the training set held out when that is at least
+`MIN_HOLDOUT` examples. Smaller training sets (the 1 % and 10 % label subsets) choose by
+`CV_FOLDS`-fold cross-validation, the mean accuracy over the folds, as scikit-learn's
+LogisticRegressionCV does: a 60-example held-out split (1 % of Fashion-MNIST's labels) has a
+standard error of about 5 points, which decided the chosen strength, and so the reported
+accuracy, more than the features did.
+
 The objective is strictly convex in W, so where a fit starts and what it knows of the
 curvature change only the cost, not the optimum it converges to. Weakly regularised fits
 are the costly ones: close to separable classes leave the objective flat along many
@@ -33,6 +40,11 @@ directions, an ill-conditioned problem on which L-BFGS needs many iterations. So
   changing their predictions. Fits also stop when float32 resolves no further progress, and after
   `max_iter` iterations, which the weakest strengths on high-dimensional features (e.g. raw
   pixels) can reach; the probe reports every fit's iterations.
+- The path stops once `PATH_PATIENCE` strengths in a row have not improved on the best
+  validation accuracy so far. The weakest strengths are the costliest fits (on
+  Fashion-MNIST's 60,000 examples, 1e-5 and 1e-6 took 70 % of all iterations) and, past
+  the peak of the validation curve, do not win; a strength after the stop could only be
+  chosen if the curve rose again after falling twice.
 - A long L-BFGS history (`MAX_HISTORY` pairs rather than optax's 10): it models more of the
   ill-conditioned curvature, at little cost next to the pass over the features that every
   iteration makes.
@@ -65,6 +77,13 @@ MAX_HISTORY = 200
 HISTORY_FLOATS = 2 ** 26
 # A fit also stops after this many iterations without a new lowest objective (see `_fit`).
 STALL_ITERATIONS = 10
+# The L2 path stops after this many strengths in a row without a new best validation
+# accuracy (module docstring).
+PATH_PATIENCE = 2
+# A held-out split smaller than this chooses the L2 strength by CV_FOLDS-fold
+# cross-validation instead (module docstring).
+MIN_HOLDOUT = 1000
+CV_FOLDS = 5
 
 
 def standardization(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,18 +271,50 @@ def predict(params, features) -> np.ndarray:
   return np.argmax(np.asarray(features, np.float32) @ params['w'] + params['b'], axis=1)
 
 
+def validation_folds(labels: np.ndarray, num_folds: int, seed: int):
+  """Seeded, stratified k-fold split: a list of `num_folds` (fit, validation) index pairs
+  whose validation parts are disjoint and cover every example. Each class's examples are
+  shuffled and dealt to the folds in turn, so every fold gets its share of every class
+  that has at least `num_folds` examples."""
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  fold_of = np.empty(len(labels), np.int64)
+  offset = 0
+  for c in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    # Dealing continues where the previous class stopped, so the folds' sizes differ by at
+    # most one even when every class is smaller than num_folds.
+    fold_of[members] = (offset + np.arange(len(members))) % num_folds
+    offset += len(members)
+  everything = np.arange(len(labels))
+  return [(everything[fold_of != f], everything[fold_of == f]) for f in range(num_folds)]
+
+
+def choose_folds(num_examples: int, val_fraction: float) -> int:
+  """1 (a single held-out split) when it holds at least `MIN_HOLDOUT` examples, else
+  `CV_FOLDS`-fold cross-validation (module docstring)."""
+  return 1 if round(val_fraction * num_examples) >= MIN_HOLDOUT else CV_FOLDS
+
+
 def linear_probe(train_features, train_labels, test_features, test_labels, *,
                  l2_grid=DEFAULT_L2_GRID, val_fraction: float = 0.1, seed: int = 0,
                  num_classes: int | None = None, max_iter: int = 1000,
-                 tol: float = DEFAULT_TOL) -> dict:
+                 tol: float = DEFAULT_TOL, folds: int | None = None,
+                 path_patience: int | None = PATH_PATIENCE) -> dict:
   """Linear-probe accuracy by the protocol of the module docstring.
 
+  `folds`: 1 holds out `val_fraction` of the training set to choose the L2 strength, k > 1
+  cross-validates over k folds (the mean validation accuracy), None picks by
+  `choose_folds`. `path_patience`: the path stops after this many strengths in a row
+  without a better validation accuracy than the best so far (None: the whole grid).
+
   Returns a dict: 'test_accuracy', 'train_accuracy', 'l2' (the chosen strength),
-  'val_accuracy' ({l2: validation accuracy}, empty when the grid has one value, which is
-  then used without validation), 'num_train', 'num_test', and the L-BFGS iterations:
-  'val_iterations' ({l2: iterations} of the validation-split fits) and 'iterations' (of the
-  final fit); a count of `max_iter` means that fit stopped before reaching `tol`. Ties in
-  validation accuracy go to the stronger regularisation.
+  'val_accuracy' ({l2: validation accuracy} of the strengths fitted, empty when the grid
+  has one value, which is then used without validation), 'folds', 'num_train',
+  'num_test', and the L-BFGS iterations: 'val_iterations' ({l2: iterations, summed over
+  the folds}) and 'iterations' (of the final fit); a count of `max_iter` means that fit
+  stopped before reaching `tol`. Ties in validation accuracy go to the stronger
+  regularisation.
   """
   train_features = np.asarray(train_features, np.float32)
   test_features = np.asarray(test_features, np.float32)
@@ -274,29 +325,53 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *,
   onehot = np.eye(num_classes, dtype=np.float32)[train_labels]
   fit = lambda x, weights, l2, init, previous=None: _solve(x, onehot, l2, weights, init,
                                                            max_iter, tol, previous)
+  if folds is None:
+    folds = choose_folds(len(train_labels), val_fraction)
+  mean, std = standardization(train_features)
 
   val_accuracy, val_iterations, init = {}, {}, None
   if len(l2_grid) > 1:
-    fit_idx, val_idx = validation_split(train_labels, val_fraction, seed)
-    val_mean, val_std = standardization(train_features[fit_idx])
-    x = ((train_features - val_mean) / val_std).astype(np.float32)
-    in_fit = np.zeros(len(x), np.float32)
-    in_fit[fit_idx] = 1.0
-    solutions, previous = {}, None
+    splits = (validation_folds(train_labels, folds, seed) if folds > 1 else
+              [validation_split(train_labels, val_fraction, seed)])
+    paths = []
+    for fit_idx, val_idx in splits:
+      split_mean, split_std = standardization(train_features[fit_idx])
+      in_fit = np.zeros(len(train_labels), np.float32)
+      in_fit[fit_idx] = 1.0
+      paths.append({'x': ((train_features - split_mean) / split_std).astype(np.float32),
+                    'in_fit': in_fit, 'val_idx': val_idx, 'mean': split_mean,
+                    'std': split_std, 'params': None, 'previous': None, 'solutions': {}})
+    best, since_best = -1.0, 0
     # Strongest first: each fit starts from the previous, more regularised solution, which
     # is close to its own, with its curvature pairs (module docstring); the first from zero.
     for l2 in reversed(l2_grid):
-      params, val_iterations[l2], previous = fit(x, in_fit, l2, init, previous)
-      solutions[l2] = init = params
-      val_accuracy[l2] = float(np.mean(predict(params, x[val_idx]) == train_labels[val_idx]))
-  # max() returns the first maximum; iterating from strong to weak prefers the former.
-  chosen = max(reversed(l2_grid), key=lambda l2: val_accuracy.get(l2, 0.0))
+      correct, iterations = 0, 0
+      for path in paths:
+        params, count, path['previous'] = fit(path['x'], path['in_fit'], l2, path['params'],
+                                              path['previous'])
+        path['params'] = path['solutions'][l2] = params
+        val_idx = path['val_idx']
+        correct += int(np.sum(predict(params, path['x'][val_idx]) == train_labels[val_idx]))
+        iterations += count
+      val_accuracy[l2] = correct / sum(len(path['val_idx']) for path in paths)
+      val_iterations[l2] = iterations
+      # Weaker strengths past the best cost the most iterations and, once validation
+      # accuracy has turned down, are not chosen (module docstring).
+      since_best = 0 if val_accuracy[l2] > best else since_best + 1
+      best = max(best, val_accuracy[l2])
+      if path_patience is not None and since_best >= path_patience:
+        break
+    # max() returns the first maximum; iterating from strong to weak prefers the former.
+    chosen = max(sorted(val_accuracy, reverse=True), key=val_accuracy.get)
+    # The chosen strength's solutions on (k-1)/k or 90 % of the data are close to the one
+    # on all of it: their mean, re-expressed for the whole set's standardisation.
+    starts = [_restandardize(path['solutions'][chosen], path['mean'], path['std'], mean, std)
+              for path in paths]
+    init = jax.tree.map(lambda *v: np.mean(v, axis=0).astype(np.float32), *starts)
+  else:
+    chosen = l2_grid[0]
 
-  mean, std = standardization(train_features)
   x = ((train_features - mean) / std).astype(np.float32)
-  if val_accuracy:
-    # The chosen strength's solution on 90% of the data is close to the one on all of it.
-    init = _restandardize(solutions[chosen], val_mean, val_std, mean, std)
   params, iterations, _ = fit(x, None, chosen, init)
   x_test = ((test_features - mean) / std).astype(np.float32)
   return {
@@ -304,6 +379,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *,
       'train_accuracy': float(np.mean(predict(params, x) == train_labels)),
       'l2': chosen,
       'val_accuracy': val_accuracy,
+      'folds': folds if val_accuracy else 0,
       'num_train': len(train_labels),
       'num_test': len(test_labels),
       'val_iterations': val_iterations,

@@ -26,6 +26,9 @@ METHODS = {
     'clip': 'ssl_jax.methods.clip:CLIP',
     'siglip': 'ssl_jax.methods.siglip:SigLIP',
     'lit': 'ssl_jax.methods.lit:LiT',
+    'mae': 'ssl_jax.methods.mae:MAE',
+    'hyperbolic': 'ssl_jax.methods.hyperbolic:HyperbolicContrastive',
+    'deepcluster_v2': 'ssl_jax.methods.deepcluster_v2:DeepClusterV2',
 }
 
 

@@ -30,9 +30,11 @@ _DROPOUT_STREAM = 0x64726F70
 
 @dataclasses.dataclass(frozen=True)
 class RunLength:
-  """How long the run is, for methods whose schedules span it (momentum, temperatures)."""
+  """How long the run is, for methods whose schedules span it (momentum, temperatures), and
+  the training set's size, for methods that keep a state per example (None: not known)."""
   total_steps: int
   steps_per_epoch: int
+  num_examples: int | None = None
 
 
 def cosine_momentum(base: float, step, total_steps: int):
@@ -69,6 +71,7 @@ class Method:
   # image (image-text methods: 'texts', the tokenized captions). The trainer shards them as
   # it shards the images and appends them to `views`, after the image views and local crops,
   # in this order; the data source must provide every one of them (checked before training).
+  # 'index' (int32, each row's record index in the training source) comes with every batch.
   paired_inputs: ClassVar[tuple[str, ...]] = ()
 
   # --- What every method writes. ---

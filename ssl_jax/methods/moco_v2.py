@@ -1,6 +1,6 @@
 """MoCo v2 (He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation
 Learning"; Chen, Fan, Girshick & He 2020, "Improved Baselines with Momentum Contrastive
-Learning").
+Learning"), and MoCo v1 with `method.projector_hidden_dim = 0` (a linear head).
 
 A query encoder f_q (encoder + MLP head fc-ReLU-fc, v2's addition) is trained with InfoNCE
 (He et al., eq. 1) to pick, among the key of another view of its image and the K keys of a
@@ -61,7 +61,8 @@ from ssl_jax.models import DTYPES, build_encoder
 
 class MLPHead(nn.Module):
   """MoCo v2's projection head (Chen et al. 2020, Sec. 2): fc -> ReLU -> fc, with biases and
-  without BatchNorm, replacing MoCo v1's single fc layer."""
+  without BatchNorm, replacing MoCo v1's single fc layer, which `hidden_dim = 0` gives
+  (He et al. 2020, Sec. 3.3: the fc output of 128 dimensions; configs/moco_v1.py)."""
   hidden_dim: int = 2048
   output_dim: int = 128
   dtype: Any = jnp.float32
@@ -69,7 +70,9 @@ class MLPHead(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     del train  # no BatchNorm or dropout
-    x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype)(x.astype(self.dtype)))
+    x = x.astype(self.dtype)
+    if self.hidden_dim:
+      x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype)(x))
     return nn.Dense(self.output_dim, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -145,6 +148,9 @@ class MoCoV2(Method):
   @classmethod
   def method_problems(cls, config) -> list[str]:
     m, problems = config.method, []
+    if m.projector_hidden_dim < 0:
+      problems.append(f'method.projector_hidden_dim={m.projector_hidden_dim} must be >= 0: the '
+                      "hidden width of v2's MLP head (2048), or 0 for MoCo v1's linear head.")
     if m.queue_size < config.batch_size:
       problems.append(
           f'method.queue_size={m.queue_size} is smaller than batch_size={config.batch_size}: '

@@ -227,7 +227,18 @@ class ViT(nn.Module):
   remat_policy: str = ''
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, keep=None, tokens: bool = False):
+    """Features [B, width] of images x [B, H, W, C].
+
+    keep: None (every patch), or int [B, K] indices of the patch tokens (row-major in the
+      grid) that the blocks see, per example: MAE's visible patches (He et al. 2022, Sec. 3),
+      taken after the position embeddings are added, so each keeps its place, and after the
+      class token, which every example keeps. Parameters and their shapes do not depend on
+      it.
+    tokens: return every token after the final LayerNorm, [B, 1 + K, width] (the class token
+      first; K = all patches without `keep`), as MAE's decoder reads them, instead of the
+      pooled features.
+    """
     if self.width % self.num_heads:
       raise ValueError(f'ViT width {self.width} is not divisible by its {self.num_heads} heads.')
     if self.pool not in POOLS or self.pos_embed not in POS_EMBEDS:
@@ -262,6 +273,9 @@ class ViT(nn.Module):
       table = np.concatenate([np.zeros((1, d), np.float32),
                               sincos_2d_position_embedding(grid_h, grid_w, d)])[None]
     x = x + jnp.asarray(table).astype(self.dtype)
+    if keep is not None:
+      patches = jnp.take_along_axis(x[:, 1:], keep[:, :, None], axis=1)
+      x = jnp.concatenate([x[:, :1], patches], axis=1)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
     # `train` is passed positionally and static (self is 0): the block branches on it. The
     # blocks keep their names (block_i) with or without remat.
@@ -271,6 +285,8 @@ class ViT(nn.Module):
                 layer_scale_init=self.layer_scale_init, dtype=self.dtype,
                 axis_name=self.axis_name, rows_per_view=self.rows_per_view,
                 first_row=self.first_row, name=f'block_{i}')(x, train)
+    if tokens:
+      return _layer_norm('norm')(x).astype(jnp.float32)
     if self.pool == 'cls':
       x = _layer_norm('norm')(x[:, 0])  # LayerNorm is per token: the others are not needed
     else:
