@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import parallel, precision
+from ssl_jax.losses import info_nce
 
 # hyptorch/pmath.py: `_project`'s maxnorm (1 - 1e-3) / sqrt(c), `Artanh`'s clamp 1 - 1e-5,
 # `_mobius_add`'s denominator + 1e-5, `_expmap0`'s and `_project`'s norm clamp 1e-5;
@@ -177,14 +178,7 @@ def hyperbolic_nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, c: float, temperature: 
   k2 = parallel.gather_rows(p2, axis_name)
   big_n = k1.shape[0]
   keys = jnp.concatenate([k1, k2], axis=0)                               # [2N, d] all
-  # Columns as in info_nce.pair_logits: query r < n is view 1 of global image offset + r.
-  offset = parallel.global_row_offset(n, axis_name)
-  image = offset + jnp.arange(n)
-  self_col = jnp.concatenate([image, big_n + image])
-  pos_col = jnp.concatenate([big_n + image, image])
-  cols = jnp.arange(2 * big_n)
-  is_self = cols[None, :] == self_col[:, None]
-  is_pos = cols[None, :] == pos_col[:, None]
+  is_self, is_pos, pos_col = info_nce.pair_columns(n, big_n, axis_name)
 
   # The Gram-matrix distances are accurate to ~1e-3 in absolute terms (||x - y||^2 from
   # ||x||^2 + ||y||^2 - 2<x,y> cancels): the positives, which training brings close, are

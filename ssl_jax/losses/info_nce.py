@@ -61,18 +61,24 @@ def pair_logits(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float,
   big_n = k1.shape[0]
   keys = jnp.concatenate([k1, k2], axis=0)                               # [2N, d] all columns
   cos = precision.matmul(q, keys.T)                                      # [2n, 2N]
+  is_self, is_pos, pos_col = pair_columns(n, big_n, axis_name)
+  logits = jnp.where(is_self, _MASK_VALUE, cos / temperature)
+  return PairLogits(cos, logits, is_self, is_pos, pos_col, big_n)
 
-  # Query r < n is view 1 of global image (offset + r): its own column is offset + r and its
-  # positive is N + offset + r; for view-2 queries the two swap.
+
+def pair_columns(n: int, big_n: int, axis_name: str | None):
+  """(is_self [2n, 2N], is_pos [2n, 2N], pos_col [2n]): where this device's 2n queries (its
+  rows of view 1, then of view 2) find themselves and their positive among the 2N gathered
+  columns (all of view 1, then all of view 2).
+
+  Query r < n is view 1 of global image (offset + r): its own column is offset + r and its
+  positive is N + offset + r; for view-2 queries the two swap."""
   offset = parallel.global_row_offset(n, axis_name)
   image = offset + jnp.arange(n)
   self_col = jnp.concatenate([image, big_n + image])
   pos_col = jnp.concatenate([big_n + image, image])
   cols = jnp.arange(2 * big_n)
-  is_self = cols[None, :] == self_col[:, None]
-  is_pos = cols[None, :] == pos_col[:, None]
-  logits = jnp.where(is_self, _MASK_VALUE, cos / temperature)
-  return PairLogits(cos, logits, is_self, is_pos, pos_col, big_n)
+  return cols[None, :] == self_col[:, None], cols[None, :] == pos_col[:, None], pos_col
 
 
 def pair_metrics(p: PairLogits, axis_name: str | None) -> dict[str, jnp.ndarray]:
