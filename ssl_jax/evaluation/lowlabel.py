@@ -3,7 +3,7 @@
 The semi-supervised protocol of SimCLR (Chen et al. 2020, sec. 6 and app. B.5, after Zhai
 et al. 2019, "S4L") trains on fixed, class-balanced 1% and 10% subsets of the labels. Here the
 classifier is a linear probe on frozen features (`linear.linear_probe`); fine-tuning the
-encoder is out of scope. The L2 strength is chosen on the subset
+whole encoder on the same subsets is `evaluation/finetune.py`. The L2 strength is chosen on the subset
 itself, since a label-scarce user has no other labels to validate on: cross-validated over its
 folds when a held-out part would be small (`linear.choose_folds`).
 """
