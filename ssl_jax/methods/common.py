@@ -102,6 +102,22 @@ def forward_together(network: nn.Module, params, batch_stats, views, rng=None,
   return jax.tree.map(lambda x: split_views(x, len(views)), out), updates['batch_stats']
 
 
+def forward_multi_crop(network: nn.Module, params, batch_stats, views, num_global: int,
+                       rng=None, first_row=None):
+  """Multi-crop views through `network` in one training-mode call, `network(global_crops,
+  local_crops)` with each group concatenated along the rows (local crops None when there are
+  none), as SwAV's, DINO's and DeepCluster-v2's references encode them grouped by resolution.
+  Returns each output leaf split back per view (`split_views`, globals first) and the running
+  statistics. `rng` and `first_row` as for `forward_views` (one call: call 0)."""
+  local_crops = (jnp.concatenate(views[num_global:], axis=0) if len(views) > num_global
+                 else None)
+  out, updates = concatenated_views(network, views[0].shape[0], first_row).apply(
+      {'params': params, 'batch_stats': batch_stats},
+      jnp.concatenate(views[:num_global], axis=0), local_crops, train=True,
+      mutable=['batch_stats'], rngs=Method.dropout_rngs(rng, 0))
+  return jax.tree.map(lambda x: split_views(x, len(views)), out), updates['batch_stats']
+
+
 def concatenated_views(network: nn.Module, rows_per_view: int, first_row=None) -> nn.Module:
   """`network` for a batch of views concatenated along the rows, `rows_per_view` rows each
   (this call's rows of each view), whose first example has index `first_row` in the global

@@ -45,7 +45,7 @@ from ssl_jax import config_lib, parallel, precision
 from ssl_jax.clustering import spherical_kmeans_replicated
 from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import concatenated_views, projector, split_views
+from ssl_jax.methods.common import forward_multi_crop, projector
 from ssl_jax.models import build_encoder
 
 
@@ -141,14 +141,10 @@ class DeepClusterV2(Method):
     return {**super().frozen_steps(), ('encoder',): spe, ('projector',): spe}
 
   def forward(self, params, batch_stats, views, rng, axis_name, first_row):
-    g = self.num_views
     crops = views[:-1]  # the last input is 'index' (`paired_inputs`)
-    local_crops = jnp.concatenate(crops[g:], axis=0) if len(crops) > g else None
-    z, updates = concatenated_views(self.network(axis_name), crops[0].shape[0],
-                                    first_row).apply(
-        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(crops[:g], axis=0),
-        local_crops, train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    return {'z': split_views(z, len(crops))}, updates['batch_stats']
+    z, batch_stats = forward_multi_crop(self.network(axis_name), params, batch_stats, crops,
+                                        self.num_views, rng, first_row)
+    return {'z': z}, batch_stats
 
   def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
                      first_row):

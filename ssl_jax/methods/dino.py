@@ -34,7 +34,7 @@ import optax
 
 from ssl_jax.losses import dino as dino_loss
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import concatenated_views, split_views
+from ssl_jax.methods.common import forward_multi_crop, split_views
 from ssl_jax.models import DTYPES, build_encoder
 from ssl_jax.models.dino_head import DINOHead
 
@@ -114,15 +114,11 @@ class DINO(Method):
                                  transition_steps=warmup)(step)
 
   def forward(self, params, batch_stats, views, rng, axis_name, first_row):
-    g = self.num_views
-    local_crops = jnp.concatenate(views[g:], axis=0) if len(views) > g else None
     # Drop path in the student only: the teacher gets no dropout rng (the reference's
     # teacher is built with drop_path_rate 0).
-    student, updates = concatenated_views(self.network(axis_name), views[0].shape[0],
-                                          first_row).apply(
-        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:g], axis=0),
-        local_crops, train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    return {'student': split_views(student, len(views))}, updates['batch_stats']
+    student, batch_stats = forward_multi_crop(self.network(axis_name), params, batch_stats,
+                                              views, self.num_views, rng, first_row)
+    return {'student': student}, batch_stats
 
   def target_forward(self, target_params, batch_stats, method_state, views, rng, axis_name,
                      first_row):

@@ -29,7 +29,7 @@ from ssl_jax import parallel, precision
 from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.losses.sinkhorn import sinkhorn_knopp, swapped_prediction
 from ssl_jax.methods.base import Method
-from ssl_jax.methods.common import concatenated_views, mlp, split_views
+from ssl_jax.methods.common import forward_multi_crop, mlp
 from ssl_jax.models import build_encoder
 
 
@@ -134,14 +134,10 @@ class SwAV(Method):
     return {**params, 'prototypes': {'kernel': normalize_prototypes(kernel)}}
 
   def forward(self, params, batch_stats, views, rng, axis_name, first_row):
-    g = self.num_views
-    local_crops = jnp.concatenate(views[g:], axis=0) if len(views) > g else None
-    (z, scores), updates = concatenated_views(self.network(axis_name), views[0].shape[0],
-                                              first_row).apply(
-        {'params': params, 'batch_stats': batch_stats}, jnp.concatenate(views[:g], axis=0),
-        local_crops, train=True, mutable=['batch_stats'], rngs=self.dropout_rngs(rng, 0))
-    return ({'z': split_views(z, len(views))[:g], 'scores': split_views(scores, len(views))},
-            updates['batch_stats'])
+    (z, scores), batch_stats = forward_multi_crop(self.network(axis_name), params,
+                                                  batch_stats, views, self.num_views, rng,
+                                                  first_row)
+    return {'z': z[:self.num_views], 'scores': scores}, batch_stats
 
   def objective(self, params, method_state, outputs, targets, target_stats, rng, step,
                 axis_name):
