@@ -171,7 +171,7 @@ def make_optimizer(learning_rate, name: str = 'lars') -> optax.GradientTransform
 def cosine_learning_rate(step: int, num_steps: int, batch_size: int) -> float:
   """BASE_LR x sqrt(batch_size), decayed to 0 at `num_steps` by a cosine; no warm-up."""
   peak = BASE_LR * math.sqrt(batch_size)
-  return peak * 0.5 * (1.0 + math.cos(math.pi * min(step, num_steps) / num_steps))
+  return float(optax.cosine_decay_schedule(peak, num_steps)(step))
 
 
 @functools.lru_cache(maxsize=16)

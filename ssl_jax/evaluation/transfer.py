@@ -129,10 +129,14 @@ def adapted_encoder(encode_fn: features.FrozenEncoder, config,
 def check_request(config, name: str, evals) -> None:
   """A TransferError now, naming the fix, if `name` cannot be read or `evals` has neither
   'knn' nor 'linear'."""
+  _check_evals(evals)
+  open_target(config, name)
+
+
+def _check_evals(evals) -> None:
   if not any(e in evals for e in ('knn', 'linear')):
     raise TransferError('--transfer scores the kNN classifier and the linear probe: include '
                         'knn or linear in --evals.')
-  open_target(config, name)
 
 
 def transfer_rows(config, encoders: dict[str, Callable], name: str, evals, *,
@@ -143,7 +147,7 @@ def transfer_rows(config, encoders: dict[str, Callable], name: str, evals, *,
   and 'linear'; `bank_size`/`test_size` limit the target's splits as --bank_size and
   --test_size do."""
   from ssl_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports us)
-  check_request(config, name, evals)
+  _check_evals(evals)  # open_target below raises what check_request would for the dataset
   wanted = [e for e in ('knn', 'linear') if e in evals]
   e = config.eval
   bank, queries = open_target(config, name)
