@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 DEFAULT_METHODS = ('simclr', 'simclr_debiased', 'simclr_hard_negatives', 'simclr_decoupled',
                    'moco_v1', 'moco_v2', 'moco_v3', 'byol', 'simsiam', 'swav', 'dino',
                    'barlow_twins', 'vicreg', 'nnclr', 'adco', 'triplet', 'hyperbolic', 'mae',
-                   'deepcluster_v2')
+                   'deepcluster_v2', 'pcl', 'ibot')
 flags.DEFINE_list('methods', list(DEFAULT_METHODS), 'Configs (configs/<name>.py) to run.')
 flags.DEFINE_float('epochs', 4.0, 'Training epochs for every method.')
 flags.DEFINE_string('root', os.path.join(ROOT, 'workdirs', 'method_table'),

@@ -49,7 +49,7 @@ def test_configs_compose_by_import_and_validate(name):
     return
   config = importlib.import_module(f'ssl_jax.configs.{name}').get_config(None)
   config_lib.validate(config, num_devices=8)
-  backbone = 'vit_base' if name == 'mae' else 'resnet50'  # MAE masks a ViT's patches
+  backbone = 'vit_base' if name in ('mae', 'ibot') else 'resnet50'  # they mask a ViT's patches
   config_lib.validate(importlib.import_module(f'ssl_jax.configs.{name}').get_config(
       f'backbone={backbone}'), num_devices=8)
 

@@ -29,6 +29,8 @@ METHODS = {
     'mae': 'ssl_jax.methods.mae:MAE',
     'hyperbolic': 'ssl_jax.methods.hyperbolic:HyperbolicContrastive',
     'deepcluster_v2': 'ssl_jax.methods.deepcluster_v2:DeepClusterV2',
+    'ibot': 'ssl_jax.methods.ibot:IBOT',
+    'pcl': 'ssl_jax.methods.pcl:PCL',
 }
 
 

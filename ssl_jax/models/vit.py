@@ -227,7 +227,8 @@ class ViT(nn.Module):
   remat_policy: str = ''
 
   @nn.compact
-  def __call__(self, x, train: bool = True, keep=None, tokens: bool = False):
+  def __call__(self, x, train: bool = True, keep=None, tokens: bool = False, mask=None,
+               mask_token=None):
     """Features [B, width] of images x [B, H, W, C].
 
     keep: None (every patch), or int [B, K] indices of the patch tokens (row-major in the
@@ -238,6 +239,12 @@ class ViT(nn.Module):
     tokens: return every token after the final LayerNorm, [B, 1 + K, width] (the class token
       first; K = all patches without `keep`), as MAE's decoder reads them, instead of the
       pooled features.
+    mask, mask_token: None, or bool [B, L] (True: masked; patches row-major in the grid) and
+      `width` values (any shape of that size): iBOT's masked image modelling (Zhou et al.
+      2022, `masked_embed`) puts the mask token in place of each masked patch's embedding,
+      before the position embedding is added, so the token still says where the patch was.
+      The token belongs to the caller's network, not to the ViT, whose parameters stay a
+      plain ViT's.
     """
     if self.width % self.num_heads:
       raise ValueError(f'ViT width {self.width} is not divisible by its {self.num_heads} heads.')
@@ -257,6 +264,8 @@ class ViT(nn.Module):
       x = jax.lax.stop_gradient(x)
     b, grid_h, grid_w, d = x.shape
     x = x.reshape(b, grid_h * grid_w, d)
+    if mask is not None:
+      x = jnp.where(mask[:, :, None], jnp.reshape(mask_token, (1, 1, d)).astype(self.dtype), x)
     cls_token = self.param('cls_token', _trunc_normal, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, d)), x], axis=1)
     if self.pos_embed == 'learned':

@@ -1,0 +1,38 @@
+"""A memory bank of one embedding per training example, kept in `method_state` and written
+at each example's dataset index ('index', which every training batch carries).
+
+Methods that cluster the training set inside the step (PCL) keep such a bank: each step
+gathers the global batch's rows and indices from every device and writes them, so the bank
+is the same on every device, for any number of devices. The rule is DeepCluster-v2's
+`_remember` (methods/deepcluster_v2.py), for a bank of one embedding per example.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import parallel
+
+
+def init_bank(num_examples: int, dim: int) -> dict:
+  """{'memory': [N, d] zeros, 'filled': bool [N], which examples have been written}."""
+  return {'memory': jnp.zeros((num_examples, dim), jnp.float32),
+          'filled': jnp.zeros((num_examples,), bool)}
+
+
+def write_rows(memory: jax.Array, filled: jax.Array, local_rows: jax.Array,
+               local_index: jax.Array, axis_name) -> tuple[jax.Array, jax.Array]:
+  """(memory, filled) with the global batch's rows (this device's `local_rows` [n, d] and
+  the other devices', gathered) written at their indices (`local_index` int32 [n]).
+
+  A batch that crosses an epoch boundary may hold an example twice: its later row is
+  written (an explicit rule; a scatter of both would leave either). Rows carry no gradient:
+  the bank is data."""
+  index = parallel.gather_rows_replicated(local_index, axis_name)
+  rows = parallel.gather_rows_replicated(jax.lax.stop_gradient(local_rows), axis_name)
+  n = filled.shape[0]
+  seen_later = jnp.triu(index[:, None] == index[None, :], k=1).any(axis=1)
+  slot = jnp.where(seen_later, n, index)  # out of range: dropped
+  return (memory.at[slot].set(rows.astype(memory.dtype), mode='drop'),
+          filled.at[slot].set(True, mode='drop'))
