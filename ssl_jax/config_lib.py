@@ -133,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.lr_scaling = 'linear'   # 'linear' (x B/256), 'sqrt' (x sqrt(B)) or 'none'
   c.optimizer.warmup_epochs = 10.0
   c.optimizer.weight_decay = 1e-6
+  # Set: the weight decay rises (or falls) by a cosine from weight_decay to this value at the
+  # last step (DINO, iBOT: 0.04 -> 0.4); unset: constant.
+  c.optimizer.weight_decay_end = config_dict.placeholder(float)
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = False
   c.optimizer.trust_coefficient = 0.001
@@ -337,6 +340,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         "optimizer.lr_scaling must be 'linear', 'sqrt' or 'none'.")
   check(config.optimizer.base_lr > 0, 'optimizer.base_lr must be positive.')
   check(config.optimizer.warmup_epochs >= 0, 'optimizer.warmup_epochs must be >= 0.')
+  wd_end = config.optimizer.get('weight_decay_end')
+  check(wd_end is None or wd_end >= 0,
+        'optimizer.weight_decay_end must be >= 0 (or unset for a constant weight decay).')
   for field in ('name', 'eval_name'):
     name = config.data.get(field, '')
     check((field == 'eval_name' and not name) or sources.is_known_name(name),

@@ -78,7 +78,8 @@ def build(config, *, num_train_examples: int, image_channels: int, mesh=None) ->
   method = build_method(config, RunLength(total_steps,
                                           steps_per_epoch(config, num_train_examples),
                                           num_train_examples))
-  tx = optim.make_optimizer(config.optimizer, schedule, method.frozen_steps())
+  tx = optim.make_optimizer(config.optimizer, schedule, method.frozen_steps(),
+                            optim.weight_decay_schedule(config.optimizer, total_steps))
   probe = None
   if config.eval.online_probe:
     num_classes = sources.source_info(config.data.name, config.data.data_dir,

@@ -37,6 +37,21 @@ def learning_rate_schedule(opt_cfg, global_batch_size: int, total_steps: int,
       decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
 
 
+def weight_decay_schedule(opt_cfg, total_steps: int) -> float | optax.Schedule:
+  """`optimizer.weight_decay`, or, when `optimizer.weight_decay_end` is set, a cosine from it
+  at step 0 to that value at `total_steps`: DINO's and iBOT's rise 0.04 -> 0.4 (their
+  `cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_ep)`, one value per
+  iteration, the same formula)."""
+  end = opt_cfg.get('weight_decay_end')  # configs saved before it existed: constant
+  if end is None or end == opt_cfg.weight_decay:
+    return opt_cfg.weight_decay
+  start, total = opt_cfg.weight_decay, max(int(total_steps), 1)
+  # optax's cosine decay from `start` to alpha * start; alpha > 1 makes it a rise.
+  if start > 0:
+    return optax.cosine_decay_schedule(start, total, alpha=end / start)
+  return lambda count: end * 0.5 * (1 - jnp.cos(jnp.pi * jnp.minimum(count, total) / total))
+
+
 def decay_mask(params):
   """True for weight matrices and conv kernels; False for biases and normalisation scales.
 
@@ -48,8 +63,10 @@ def decay_mask(params):
 
 def make_optimizer(opt_cfg, schedule: optax.Schedule,
                    frozen_steps: Mapping[tuple[str, ...], int | float] | None = None,
+                   weight_decay: float | optax.Schedule | None = None,
                    ) -> optax.GradientTransformation:
-  """The configured optimizer over `schedule` (a function of the optimizer step).
+  """The configured optimizer over `schedule` (a function of the optimizer step), with
+  `weight_decay` (a rate or a schedule, `weight_decay_schedule`; None: the config's rate).
 
   `frozen_steps` maps parameter subtrees, as key paths into the params (e.g.
   `('head', 'last_layer')`), to a number of initial optimizer steps N during which they are
@@ -64,18 +81,23 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule,
   updates are zero (`optax.set_to_zero`), so weight decay never shrinks it, and the optimizer
   keeps no state for it (no Adam moments, no momentum).
   """
+  if weight_decay is None:
+    weight_decay = opt_cfg.weight_decay
   frozen = {tuple(path): n if n == FOREVER else int(n)
             for path, n in (frozen_steps or {}).items() if n > 0}
   if not frozen:
-    return _make_optimizer(opt_cfg, schedule)
-  transforms = {'trained': _make_optimizer(opt_cfg, schedule)}
+    return _make_optimizer(opt_cfg, schedule, weight_decay)
+  transforms = {'trained': _make_optimizer(opt_cfg, schedule, weight_decay)}
   if FOREVER in frozen.values():
     transforms[_label(FOREVER)] = optax.set_to_zero()
   for n in sorted(set(frozen.values()) - {FOREVER}):
     # The branch's own step count restarts at 0 when it unfreezes at global step n; its
-    # schedule is shifted so that it reads the global learning rate there.
+    # schedules are shifted so that it reads the global learning rate and decay there.
     shifted = lambda count, n=n: schedule(count + n)  # noqa: E731
-    transforms[_label(n)] = skip_first_steps(_make_optimizer(opt_cfg, shifted), n)
+    decay = weight_decay
+    if callable(weight_decay):
+      decay = lambda count, n=n: weight_decay(count + n)  # noqa: E731
+    transforms[_label(n)] = skip_first_steps(_make_optimizer(opt_cfg, shifted, decay), n)
 
   def labels(params):
     used = set()
@@ -137,20 +159,21 @@ def skip_first_steps(inner: optax.GradientTransformation,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _make_optimizer(opt_cfg, schedule: optax.Schedule,
+                    weight_decay: float | optax.Schedule) -> optax.GradientTransformation:
   name = opt_cfg.name
   if name == 'lars':
-    return optax.lars(schedule, weight_decay=opt_cfg.weight_decay,
+    return optax.lars(schedule, weight_decay=weight_decay,
                       weight_decay_mask=decay_mask, trust_coefficient=opt_cfg.trust_coefficient,
                       trust_ratio_mask=decay_mask, momentum=opt_cfg.momentum, eps=0.0,
                       nesterov=opt_cfg.nesterov)
   if name == 'sgd':
-    return optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask),
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
                        optax.sgd(schedule, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov))
   if name == 'adamw':
     # `.get`: configs saved before `eps` existed used optax's default (CLIP sets 1e-6).
     return optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.get('eps', 1e-8),
-                       weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+                       weight_decay=weight_decay, mask=decay_mask)
   raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}.")
 
 

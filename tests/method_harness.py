@@ -339,6 +339,26 @@ def train_briefly(config, workdir: str, steps: int):
   return train_and_evaluate(config, workdir)
 
 
+def resumed_run_matches_straight_run(config, tmp_path, stop_at_step: int = 2,
+                                      total_steps: int = 4):
+  """Trains `config` straight, and again stopped at `stop_at_step` then resumed; asserts the
+  resumed run restored that checkpoint, trained only the steps left (a restore skipped
+  silently would train from scratch and end in the same state) and ends with a state equal
+  to the straight run's, bit for bit. Returns (state at the stop, resumed state) on the host
+  for the caller's checks that the steps after the stop changed what it resumes."""
+  from ssl_jax.train import train_and_evaluate
+  straight, _ = train_and_evaluate(config, str(tmp_path / 'straight'))
+  first, _ = train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=stop_at_step)
+  first = jax.device_get(first)
+  resumed, results = train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert results['restored_step'] == stop_at_step
+  assert results['steps_run'] == total_steps - stop_at_step
+  assert int(resumed.step) == int(straight.step) == total_steps
+  resumed = jax.device_get(resumed)
+  jax.tree.map(np.testing.assert_array_equal, resumed, jax.device_get(straight))
+  return first, resumed
+
+
 def check_short_lars_run_learns(name: str, workdir: str, **method_fields):
   """200 steps at batch 64 (a fifth of an epoch) of configs/<name>.py's LARS recipe, with what
   such a short run needs; the encoder must keep its spread and beat its random init in kNN."""

@@ -11,7 +11,7 @@ import pytest
 
 import method_harness as mh
 from test_host_pipeline import SPECS, write_images
-from ssl_jax import config_lib, experiment, train
+from ssl_jax import config_lib, experiment
 from ssl_jax.data import host_crop, pipeline, sources
 from ssl_jax.methods import RunLength, build_method
 
@@ -191,13 +191,7 @@ def test_resumed_run_ends_with_identical_state(tmp_path):
   config = _config()
   config.augment.num_local_crops = 0  # resume does not depend on them; compiles faster
   with mock.patch.object(experiment, 'steps_per_epoch', _two_step_epochs):
-    straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-    first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
-    resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert results['restored_step'] == 2 and results['steps_run'] == 2
-  assert int(resumed.step) == int(straight.step) == 4
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
-               jax.device_get(straight))
+    first, resumed = mh.resumed_run_matches_straight_run(config, tmp_path)
   # Not vacuous: the first half only filled the memory (2 x 32 examples, no clusters yet,
   # networks frozen); the second clustered it and trained.
   assert int(np.asarray(first.method_state['filled']).sum()) == 2 * BATCH

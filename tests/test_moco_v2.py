@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import method_harness as harness
-from ssl_jax import config_lib, train
+from ssl_jax import config_lib
 from ssl_jax.losses.moco import queue_info_nce
 from ssl_jax.methods.moco_v2 import apply_in_groups
 
@@ -205,15 +205,7 @@ def test_bad_config_names_the_fix(field, value, message):
 def test_resumed_run_ends_with_identical_state(tmp_path):
   """The queue, its pointer and the key encoder survive a checkpoint exactly."""
   config = _config()
-  straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
-  resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  # It restored the checkpoint of step 2 and trained only the 2 steps left (a
-  # restore skipped silently would train from scratch and end in the same state).
-  assert results['restored_step'] == 2 and results['steps_run'] == 2
-  assert int(resumed.step) == int(straight.step) == 4
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
-               jax.device_get(straight))
+  first, resumed = harness.resumed_run_matches_straight_run(config, tmp_path)
   # Not vacuous: steps 3 and 4 changed the queue and the key encoder.
   assert int(first.method_state['ptr']) == 64 and int(resumed.method_state['ptr']) == 48
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first.target_params),

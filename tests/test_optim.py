@@ -369,3 +369,45 @@ def test_subtree_frozen_forever_keeps_its_init_and_no_state(name):
       np.testing.assert_array_equal(flat[path], plain[path], err_msg=f'{path} step {k}')
   # Not vacuous: the plain optimizer moves the kernel (weight decay alone would).
   assert np.abs(_flat(plain_seq[4])[('Conv_0', 'kernel')] - kernel).max() > 1e-3
+
+
+# ------------------------------------------------------------------ weight-decay schedule
+
+def _dino_cosine_scheduler(base_value, final_value, epochs, niter_per_ep):
+  """DINO's utils.cosine_scheduler without warm-up (numpy), the reference for the rise."""
+  iters = np.arange(epochs * niter_per_ep)
+  return final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+
+
+@pytest.mark.parametrize('start', [0.04, 0.0])
+def test_weight_decay_schedule_is_dinos_cosine_rise(start):
+  cfg = _opt_cfg(name='adamw', weight_decay=start, weight_decay_end=0.4)
+  schedule = optim.weight_decay_schedule(cfg, total_steps=12)
+  expected = _dino_cosine_scheduler(start, 0.4, epochs=3, niter_per_ep=4)
+  np.testing.assert_allclose([float(schedule(k)) for k in range(12)], expected, rtol=1e-6,
+                             atol=1e-8)
+  # Unset, or equal to the start: the constant rate, as before the option existed.
+  assert optim.weight_decay_schedule(_opt_cfg(weight_decay=0.05), 12) == 0.05
+  assert optim.weight_decay_schedule(_opt_cfg(weight_decay=0.05, weight_decay_end=0.05),
+                                     12) == 0.05
+
+
+@pytest.mark.parametrize('frozen', [0, 2])
+def test_adamw_decays_by_the_schedule_at_the_global_step(frozen):
+  """Zero gradients: AdamW's update is -lr * wd(step) * kernel; a subtree frozen for 2 steps
+  starts at wd(2), not wd(0) (its own count restarts at 0)."""
+  lr, steps = 0.5, 5
+  cfg = _opt_cfg(name='adamw', weight_decay=0.04, weight_decay_end=0.4)
+  decay = optim.weight_decay_schedule(cfg, total_steps=steps)
+  tx = optim.make_optimizer(cfg, optax.constant_schedule(lr),
+                            {('Dense_0',): frozen} if frozen else None, decay)
+  params = _toy_params()
+  params_seq, _ = _run(tx, [jax.tree.map(jnp.zeros_like, params)] * steps, params)
+  wd = _dino_cosine_scheduler(0.04, 0.4, epochs=1, niter_per_ep=steps)
+  for path, p0 in _flat(params).items():
+    if not _is_matrix(path):
+      continue
+    first = frozen if path[0] == 'Dense_0' else 0
+    expected = p0 * np.prod([1 - lr * wd[k] for k in range(first, steps)])
+    np.testing.assert_allclose(_flat(params_seq[-1])[path], expected, rtol=1e-5,
+                               err_msg=str(path))

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import method_harness as mh
-from ssl_jax import config_lib, experiment, parallel, train
+from ssl_jax import config_lib, experiment, parallel
 from ssl_jax.losses.moco import queue_info_nce
 from ssl_jax.losses.proto_nce import concentration, proto_nce, sample_negatives
 from ssl_jax.methods import RunLength, build_method
@@ -367,13 +367,7 @@ def test_resumed_run_ends_with_identical_state(tmp_path):
   the straight run: bank, queue, clusters, prototypes and phi included."""
   config = _config()
   with mock.patch.object(experiment, 'steps_per_epoch', _two_step_epochs):
-    straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-    first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
-    resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert results['restored_step'] == 2 and results['steps_run'] == 2
-  assert int(resumed.step) == int(straight.step) == 4
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
-               jax.device_get(straight))
+    first, resumed = mh.resumed_run_matches_straight_run(config, tmp_path)
   # Not vacuous: the first half only filled the bank (2 x 32 keys, no clusters yet); the
   # second clustered it (every example seen by then) and wrote 2 more batches.
   assert int(np.asarray(first.method_state['filled']).sum()) == 2 * BATCH

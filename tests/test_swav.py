@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import method_harness as mh
 from test_sinkhorn import reference_sinkhorn, reference_swapped_loss
-from ssl_jax import config_lib, parallel, train
+from ssl_jax import config_lib, parallel
 from ssl_jax.methods import RunLength
 
 BATCH = 32
@@ -168,24 +168,13 @@ def test_after_update_normalises_only_the_prototypes():
                                 scaled['projector']['Dense_0']['kernel'])
 
 
-def _assert_trees_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
-
-
 def test_resume_gives_identical_state_and_frozen_prototypes_stay(tmp_path):
   """Queue from step 0 (full after 2 steps), prototypes frozen for 2 steps: a run stopped at
   step 2 and resumed ends as the straight run, queue included."""
   config = _config(queue_size=2 * BATCH, queue_start_epoch=0.0)
   config.augment.num_local_crops = 0  # resume does not depend on them; compiles faster
-  straight, _ = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  first, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=2)
-  resumed, results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  # It restored the checkpoint of step 2 and trained only the 2 steps left (a
-  # restore skipped silently would train from scratch and end in the same state).
-  assert results['restored_step'] == 2 and results['steps_run'] == 2
-  assert int(resumed.step) == int(straight.step) == 4
-  _assert_trees_equal(resumed, straight)
-  assert int(straight.method_state['queue_filled']) == 2 * BATCH
+  first, resumed = mh.resumed_run_matches_straight_run(config, tmp_path)
+  assert int(resumed.method_state['queue_filled']) == 2 * BATCH
   # The trainer's initial prototypes (train.py seeds create_train_state with the config's
   # seed; it initialises from the first half of the split key) survive the frozen steps: the
   # optimizer skips them (tests/test_optim.py checks the skip bit for bit); after_update's
@@ -197,7 +186,7 @@ def test_resume_gives_identical_state_and_frozen_prototypes_stay(tmp_path):
   np.testing.assert_allclose(first.params['prototypes']['kernel'], initial, rtol=0, atol=1e-6)
   # Then they train (LARS moves a weight by about lr x 0.001 of its norm per step, and the
   # lr is still warming up: small, but far above the frozen steps' rounding).
-  trained = np.asarray(straight.params['prototypes']['kernel'])
+  trained = np.asarray(resumed.params['prototypes']['kernel'])
   assert np.abs(trained - np.asarray(initial)).max() > 1e-5
   _unit_columns(trained)
 

@@ -1,10 +1,9 @@
 """A memory bank of one embedding per training example, kept in `method_state` and written
 at each example's dataset index ('index', which every training batch carries).
 
-Methods that cluster the training set inside the step (PCL) keep such a bank: each step
-gathers the global batch's rows and indices from every device and writes them, so the bank
-is the same on every device, for any number of devices. The rule is DeepCluster-v2's
-`_remember` (methods/deepcluster_v2.py), for a bank of one embedding per example.
+Methods that cluster the training set inside the step (DeepCluster-v2, PCL) keep such a
+bank: each step gathers the global batch's rows and indices from every device and writes
+them, so the bank is the same on every device, for any number of devices.
 """
 
 from __future__ import annotations
@@ -12,7 +11,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ssl_jax import config_lib
 from ssl_jax import parallel
+
+
+def num_clusters(config) -> tuple[int, ...]:
+  """K of each clustering (`method.num_clusters`: a sequence, or one int for one)."""
+  k = config.method.num_clusters
+  return tuple(int(x) for x in k) if isinstance(k, (list, tuple)) else (int(k),)
+
+
+def bank_size(method_name: str, config, run_length) -> int:
+  """The number of memory slots, one per training example (`run_length.num_examples`), after
+  checking that every clustering asks for at most that many clusters."""
+  n = run_length.num_examples if run_length is not None else None
+  if not n:
+    raise config_lib.ConfigError(
+        f'{method_name} keeps one memory slot per training example, so it needs the '
+        'training set size: build it through experiment.build (RunLength.num_examples).')
+  if any(k > n for k in num_clusters(config)):
+    raise config_lib.ConfigError(
+        f'method.num_clusters={num_clusters(config)} asks for more clusters than '
+        f'the {n} training examples: set each to at most {n}.')
+  return n
 
 
 def init_bank(num_examples: int, dim: int) -> dict:

@@ -41,8 +41,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import config_lib, parallel, precision
+from ssl_jax import parallel, precision
 from ssl_jax.clustering import spherical_kmeans_replicated
+from ssl_jax.clustering.memory_bank import bank_size, num_clusters, write_rows
 from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.methods.base import Method
 from ssl_jax.methods.common import forward_multi_crop, projector
@@ -63,12 +64,6 @@ class MultiCropProjection(nn.Module):
 
   def encode(self, x):
     return self.encoder(x, train=False)
-
-
-def num_clusters(config) -> tuple[int, ...]:
-  """K of each head (`method.num_clusters`: a sequence, or one int for one head)."""
-  k = config.method.num_clusters
-  return tuple(int(x) for x in k) if isinstance(k, (list, tuple)) else (int(k),)
 
 
 def cluster_cross_entropy(scores, clusters, temperature: float, axis_name):
@@ -110,22 +105,9 @@ class DeepClusterV2(Method):
       problems.append('method.kmeans_iterations must be at least 1 (the paper: 10).')
     return problems
 
-  def _memory_size(self) -> int:
-    n = self.run_length.num_examples if self.run_length is not None else None
-    if not n:
-      raise config_lib.ConfigError(
-          'deepcluster_v2 keeps one memory slot per training example, so it needs the '
-          'training set size: build it through experiment.build (RunLength.num_examples).')
-    too_many = [k for k in num_clusters(self.config) if k > n]
-    if too_many:
-      raise config_lib.ConfigError(
-          f'method.num_clusters={num_clusters(self.config)} asks for more clusters than '
-          f'the {n} training examples: set each to at most {n}.')
-    return n
-
   def init(self, rng, images):
     params, batch_stats = self.init_networks(rng, images)
-    n, d = self._memory_size(), self.config.method.projector_output_dim
+    n, d = bank_size('deepcluster_v2', self.config, self.run_length), self.config.method.projector_output_dim
     heads = num_clusters(self.config)
     state = {
         'memory': jnp.zeros((self.num_views, n, d), jnp.float32),  # z of each global crop
@@ -189,14 +171,9 @@ class DeepClusterV2(Method):
                           for h, r in enumerate(results)}}
 
   def _remember(self, state, z_global, index, axis_name):
-    """Writes the global batch's z of the global crops at their examples' slots. A batch that
-    crosses an epoch boundary may hold an example twice: its later row is written."""
-    index = parallel.gather_rows_replicated(index, axis_name)
-    z = jnp.stack([parallel.gather_rows_replicated(zc, axis_name) for zc in z_global])
-    n = state['filled'].shape[0]
-    seen_later = jnp.triu(index[:, None] == index[None, :], k=1).any(axis=1)
-    slot = jnp.where(seen_later, n, index)  # out of range: dropped
-    return {**state,
-            'memory': state['memory'].at[:, slot].set(z.astype(state['memory'].dtype),
-                                                      mode='drop'),
-            'filled': state['filled'].at[slot].set(True, mode='drop')}
+    """Writes the global batch's z of each global crop at its examples' slots."""
+    memory, filled = [], state['filled']
+    for v, zc in enumerate(z_global):
+      bank, filled = write_rows(state['memory'][v], state['filled'], zc, index, axis_name)
+      memory.append(bank)
+    return {**state, 'memory': jnp.stack(memory), 'filled': filled}

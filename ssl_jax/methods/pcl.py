@@ -47,9 +47,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import config_lib, parallel
+from ssl_jax import parallel
 from ssl_jax.clustering import own_rows, spherical_kmeans_replicated
-from ssl_jax.clustering.memory_bank import init_bank, write_rows
+from ssl_jax.clustering.memory_bank import bank_size, init_bank, num_clusters, write_rows
 from ssl_jax.losses.proto_nce import concentration, proto_nce, sample_negatives
 from ssl_jax.methods import method_class
 from ssl_jax.methods.common import mean_metrics
@@ -59,12 +59,6 @@ from ssl_jax.methods.common import mean_metrics
 MoCoV2 = method_class('moco_v2')
 # fold_in tag ('pcln') of the negative prototypes' draw, apart from other seeded streams.
 _NEGATIVES_STREAM = 0x70636C6E
-
-
-def num_clusters(config) -> tuple[int, ...]:
-  """K of each granularity (`method.num_clusters`: a sequence, or one int)."""
-  k = config.method.num_clusters
-  return tuple(int(x) for x in k) if isinstance(k, (list, tuple)) else (int(k),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,21 +88,8 @@ class PCL(MoCoV2):
       problems.append('method.kmeans_iterations must be at least 1 (the reference: 20).')
     return problems
 
-  def _memory_size(self) -> int:
-    n = self.run_length.num_examples if self.run_length is not None else None
-    if not n:
-      raise config_lib.ConfigError(
-          'pcl keeps one memory slot per training example, so it needs the training set '
-          'size: build it through experiment.build (RunLength.num_examples).')
-    too_many = [k for k in num_clusters(self.config) if k > n]
-    if too_many:
-      raise config_lib.ConfigError(
-          f'method.num_clusters={num_clusters(self.config)} asks for more clusters than '
-          f'the {n} training examples: set each to at most {n}.')
-    return n
-
   def init(self, rng, images):
-    n, d = self._memory_size(), self.config.method.projector_output_dim  # fails first
+    n, d = bank_size('pcl', self.config, self.run_length), self.config.method.projector_output_dim  # fails first
     params, batch_stats, queue_state = super().init(rng, images)
     ks = num_clusters(self.config)
     t = self.config.method.temperature
