@@ -98,6 +98,21 @@ def varying_axes(x) -> frozenset:
   return frozenset(mat.varying if mat is not None else getattr(aval, 'vma', ()))
 
 
+def update_if(pred, update, state):
+  """`lax.cond(pred, update, identity, state)` inside shard_map, for method state that a step
+  sometimes recomputes (DeepCluster-v2's and PCL's k-means at an epoch start). Under fsdp
+  the state arrives gathered, typed varying over the fsdp axis, while `update` may return
+  values summed over every axis (invariant): cond needs both branches typed alike, so the
+  update's results are cast to vary over the axes the state varies over (a type change;
+  the values stay the same)."""
+  def updated(s):
+    def vary_like(x, like):
+      axes = tuple(sorted(varying_axes(like) - varying_axes(x)))
+      return jax.lax.pcast(x, axes, to='varying') if axes else x
+    return jax.tree.map(vary_like, update(s), s)
+  return jax.lax.cond(pred, updated, lambda s: s, state)
+
+
 def replicated_specs(tree):
   """P() for every leaf: outputs that are the same everywhere (the loss, metrics)."""
   return jax.tree.map(lambda _: P(), tree)

@@ -72,8 +72,16 @@ def _steps(config, fsdp: int, num_steps: int = 3):
   initial = jax.device_get(state)
   metrics = []
   for i in range(num_steps):
-    images = parallel.global_batch_from_host(mh.random_batch(config, i), built.mesh)
-    state, m = step(state, images)
+    if built.method.paired_inputs == ('index',):
+      # Every example of the one-batch epoch, in a new order each step: DeepCluster-v2's
+      # memory bank holds them all, and its k-means runs at every step after the first.
+      index = np.random.default_rng(i).permutation(config.batch_size).astype(np.int32)
+      images, paired = parallel.global_batch_from_host(
+          (mh.random_batch(config, i), (index,)), built.mesh)
+      state, m = step(state, images, paired=paired)
+    else:
+      images = parallel.global_batch_from_host(mh.random_batch(config, i), built.mesh)
+      state, m = step(state, images)
     metrics.append(jax.device_get(m))
   specs = jax.tree.map(lambda x: x.sharding.spec, state)
   return metrics, initial, jax.device_get(state), specs
@@ -86,9 +94,11 @@ def _split_leaves(specs) -> int:
 
 # MoCo v2: a queue (method state) and a target network; DINO: a centre, the teacher, the
 # last layer frozen for a step (a masked optimizer); SwAV: prototypes normalised after each
-# update (after_update on split leaves) and a queue.
+# update (after_update on split leaves) and a queue; DeepCluster-v2: a memory bank and
+# k-means over it (rows split over devices) in the step.
 @pytest.mark.parametrize('name', ['moco_v2', pytest.param('dino', marks=pytest.mark.slow),
                                   pytest.param('swav', marks=pytest.mark.slow),
+                                  pytest.param('deepcluster_v2', marks=pytest.mark.slow),
                                   pytest.param('vit', marks=pytest.mark.slow)])
 def test_fsdp_step_equals_replicated(name):
   """Three steps on a 4 x 2 mesh (one for the ViT) equal those steps with replicated state on the same 8
@@ -103,6 +113,9 @@ def test_fsdp_step_equals_replicated(name):
     config.model.update(name='vit_tiny', patch_size=4)
   else:
     config = mh.shrink(mh.load_config(name))
+  if name == 'deepcluster_v2':  # clusters of the 32-example epoch; one k-means iteration
+    config.method.update(num_clusters=(8, 6), kmeans_iterations=2)
+    config.augment.num_local_crops = 0
   config.optimizer.name, config.optimizer.base_lr = 'sgd', 2.0
   config.optimizer.warmup_epochs = 0.0
   # One step for the ViT: from its second step on, its gradients amplify float rounding past

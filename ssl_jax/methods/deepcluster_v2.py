@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel, precision
+from ssl_jax import parallel, precision, sharding
 from ssl_jax.clustering import spherical_kmeans_replicated
 from ssl_jax.clustering.memory_bank import bank_size, num_clusters, write_rows
 from ssl_jax.losses.info_nce import l2_normalize
@@ -139,9 +139,8 @@ class DeepClusterV2(Method):
     del params, target_stats, rng  # the prototypes are state; k-means is seeded by the epoch
     m = self.config.method
     spe = self.run_length.steps_per_epoch
-    state = jax.lax.cond((step > 0) & (step % spe == 0),
-                         lambda s: self._cluster(s, step // spe, axis_name), lambda s: s,
-                         method_state)
+    state = sharding.update_if((step > 0) & (step % spe == 0),
+                               lambda s: self._cluster(s, step // spe, axis_name), method_state)
     index, z = targets['index'], outputs['z']
     losses = []
     for h in range(len(num_clusters(self.config))):

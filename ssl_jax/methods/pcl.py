@@ -47,7 +47,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import parallel
+from ssl_jax import parallel, sharding
 from ssl_jax.clustering import own_rows, spherical_kmeans_replicated
 from ssl_jax.clustering.memory_bank import bank_size, init_bank, num_clusters, write_rows
 from ssl_jax.losses.proto_nce import concentration, proto_nce, sample_negatives
@@ -116,9 +116,8 @@ class PCL(MoCoV2):
     spe = self.run_length.steps_per_epoch
     epoch = step // spe
     proto_on = epoch >= int(m.proto_warmup_epochs)
-    state = jax.lax.cond(proto_on & (step % spe == 0),
-                         lambda s: self._cluster(s, epoch, axis_name), lambda s: s,
-                         method_state)
+    state = sharding.update_if(proto_on & (step % spe == 0),
+                               lambda s: self._cluster(s, epoch, axis_name), method_state)
     queue = {'queue': state['queue'], 'ptr': state['ptr']}
     info_nce, (metrics, queue) = super().objective(params, queue, outputs, targets,
                                                    target_stats, rng, step, axis_name)
