@@ -136,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Set: the weight decay rises (or falls) by a cosine from weight_decay to this value at the
   # last step (DINO, iBOT: 0.04 -> 0.4); unset: constant.
   c.optimizer.weight_decay_end = config_dict.placeholder(float)
+  # Set: gradients clipped to this norm before the optimizer, their global norm or, with
+  # clip_per_parameter, each parameter's (DINO's and iBOT's rule); unset: no clipping.
+  c.optimizer.clip_grad_norm = config_dict.placeholder(float)
+  c.optimizer.clip_per_parameter = False
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = False
   c.optimizer.trust_coefficient = 0.001
@@ -343,6 +347,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   wd_end = config.optimizer.get('weight_decay_end')
   check(wd_end is None or wd_end >= 0,
         'optimizer.weight_decay_end must be >= 0 (or unset for a constant weight decay).')
+  clip = config.optimizer.get('clip_grad_norm')
+  check(clip is None or clip > 0,
+        'optimizer.clip_grad_norm must be > 0 (or unset for no gradient clipping).')
   for field in ('name', 'eval_name'):
     name = config.data.get(field, '')
     check((field == 'eval_name' and not name) or sources.is_known_name(name),

@@ -80,7 +80,39 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule,
   N = `FOREVER` freezes a subtree for the whole run (MoCo v3's random patch projection): its
   updates are zero (`optax.set_to_zero`), so weight decay never shrinks it, and the optimizer
   keeps no state for it (no Adam moments, no momentum).
+
+  With `optimizer.clip_grad_norm` set the gradients are clipped first (`gradient_clipping`).
   """
+  tx = _frozen_aware_optimizer(opt_cfg, schedule, frozen_steps, weight_decay)
+  clip = gradient_clipping(opt_cfg)
+  return tx if clip is None else optax.chain(clip, tx)
+
+
+def gradient_clipping(opt_cfg) -> optax.GradientTransformation | None:
+  """`optimizer.clip_grad_norm` (unset: None, no clipping): the gradients' global norm capped
+  at it (PyTorch's `clip_grad_norm_`: hyperbolic ViT's train.py), or with
+  `optimizer.clip_per_parameter` each parameter's norm capped separately (DINO's and iBOT's
+  `utils.clip_gradients`). Applied to the whole gradient before the optimizer, as there."""
+  max_norm = opt_cfg.get('clip_grad_norm')  # configs saved before it existed: none
+  if max_norm is None:
+    return None
+  if not opt_cfg.get('clip_per_parameter', False):
+    return optax.clip_by_global_norm(max_norm)
+
+  def clip_each(updates, state, params=None):
+    del params
+
+    def clip(g):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+      # DINO's rule: scale by max_norm / (norm + 1e-6) where that is below 1.
+      return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), clip_each)
+
+
+def _frozen_aware_optimizer(opt_cfg, schedule, frozen_steps, weight_decay):
+  """`make_optimizer` without the clipping."""
   if weight_decay is None:
     weight_decay = opt_cfg.weight_decay
   frozen = {tuple(path): n if n == FOREVER else int(n)

@@ -411,3 +411,52 @@ def test_adamw_decays_by_the_schedule_at_the_global_step(frozen):
     expected = p0 * np.prod([1 - lr * wd[k] for k in range(first, steps)])
     np.testing.assert_allclose(_flat(params_seq[-1])[path], expected, rtol=1e-5,
                                err_msg=str(path))
+
+
+# ------------------------------------------------------------------ gradient clipping
+
+def _clipped_sgd_step(grads, **clip):
+  """One plain SGD step at lr 1 without weight decay: the update is -(clipped gradient)."""
+  cfg = _opt_cfg(name='sgd', momentum=0.0, weight_decay=0.0, **clip)
+  tx = optim.make_optimizer(cfg, optax.constant_schedule(1.0))
+  params = _toy_params()
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return {k: -v for k, v in _flat(updates).items()}
+
+
+def test_global_norm_clipping_is_torchs_clip_grad_norm():
+  grads = jax.tree.map(lambda g: g * 30.0, _grads(3))
+  flat = _flat(grads)
+  total = np.sqrt(sum(np.sum(g**2) for g in flat.values()))
+  assert total > 3.0  # not vacuous: the clip applies
+  coef = min(1.0, 3.0 / (total + 1e-6))  # torch.nn.utils.clip_grad_norm_
+  clipped = _clipped_sgd_step(grads, clip_grad_norm=3.0)
+  for path, g in flat.items():
+    np.testing.assert_allclose(clipped[path], g * coef, rtol=1e-5, err_msg=str(path))
+  # Below the threshold the gradients pass unchanged.
+  small = _clipped_sgd_step(grads, clip_grad_norm=10 * total)
+  for path, g in flat.items():
+    np.testing.assert_allclose(small[path], g, rtol=1e-6, err_msg=str(path))
+
+
+def test_per_parameter_clipping_is_dinos_clip_gradients():
+  grads = jax.tree.map(lambda g: g * 30.0, _grads(3))
+  grads['BatchNorm_0']['scale'] = grads['BatchNorm_0']['scale'] * 1e-3  # below the clip
+  clipped = _clipped_sgd_step(grads, clip_grad_norm=3.0, clip_per_parameter=True)
+  unclipped = 0
+  for path, g in _flat(grads).items():
+    norm = np.linalg.norm(g)
+    coef = 3.0 / (norm + 1e-6)  # DINO's utils.clip_gradients
+    expected = g * coef if coef < 1 else g
+    unclipped += coef >= 1
+    np.testing.assert_allclose(clipped[path], expected, rtol=1e-5, err_msg=str(path))
+  assert 0 < unclipped < len(_flat(grads))  # not vacuous: some clipped, some not
+
+
+def test_no_clipping_keeps_the_plain_optimizer_state():
+  """Unset, the optimizer state keeps its structure: checkpoints from before the option
+  restore."""
+  params = _toy_params()
+  plain = optim.make_optimizer(_opt_cfg(name='adamw'), _schedule).init(params)
+  unset = optim.make_optimizer(_opt_cfg(name='adamw', clip_grad_norm=None), _schedule)
+  assert jax.tree.structure(unset.init(params)) == jax.tree.structure(plain)
