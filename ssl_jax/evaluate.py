@@ -189,7 +189,8 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
       for fraction, result in finetune.low_label_fine_tune(
           config, params, batch_stats, bank, queries, num_classes=num_classes, seed=seed,
           image_size=e.image_size or None, eval_batch_size=e.batch_size,
-          keep_projector_layer=finetune_keep_projector_layer).items():
+          keep_projector_layer=finetune_keep_projector_layer,
+          mesh=model.setup.mesh).items():
         rows[name][f'finetune_{fraction}'] = result['test_accuracy']
         rows[name][f'finetune_{fraction}_num_labels'] = result['num_labels']
         rows[name][f'finetune_{fraction}_seconds'] = result['seconds']

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import evaluate, train
+from ssl_jax import evaluate, parallel, train
 from ssl_jax.evaluation import eval_data, features, finetune, linear, lowlabel
 from ssl_jax.methods.common import encoder_with_projector
 from ssl_jax.models import build_encoder
@@ -71,6 +71,27 @@ def test_fine_tuning_is_deterministic_for_a_seed(tiny_config):
   jax.tree.map(np.testing.assert_array_equal, first.variables, again.variables)
   np.testing.assert_array_equal(first.losses, again.losses)
   assert not np.allclose(first.losses, other.losses)
+
+
+def test_fine_tuning_on_8_devices_equals_one_device(tiny_config):
+  """Each device takes 2 rows of the batch of 16: the crops (keyed by the global row), the
+  BatchNorm statistics (over the global batch), the loss and its gradient are the one-device
+  run's, so the fine-tuned variables and every step's loss are too. Catches BatchNorm
+  statistics of the device's own rows (2 of 16), a loss averaged per device and then
+  summed, crops keyed by the local row, a gradient not summed over devices."""
+  params, stats = _blind_encoder(tiny_config)
+  images, labels = _brightness_toy(32, seed=0)
+  run = lambda mesh: finetune.fine_tune(  # noqa: E731
+      tiny_config, params, stats, images, labels, num_classes=2, epochs=2, batch_size=16,
+      seed=0, keep_projector_layer=False, mesh=mesh)
+  one, eight = run(None), run(parallel.make_mesh(8))
+  np.testing.assert_allclose(eight.losses, one.losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               eight.variables, one.variables)
+  # Not vacuous: the run moved the encoder and its statistics.
+  assert not np.allclose(one.variables['batch_stats']['encoder']['BatchNorm_1']['mean'],
+                         stats['encoder']['BatchNorm_1']['mean'])
+  assert one.losses[-1] < one.losses[0]
 
 
 def test_batches_cover_every_example_once_per_epoch():

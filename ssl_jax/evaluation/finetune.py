@@ -20,8 +20,11 @@ fine-tuning command):
     3-layer head; `ft_proj_selector=1`), for methods whose `params['projector']` is a
     `ProjectionMLP` (`Dense_0`, then `BatchNorm_0` or `LayerNorm_0`).
 
-Simplifications, for a CPU run on small data: one device (no data parallelism, so no
-cross-device BatchNorm); a batch of `min(batch_size, subset size)` (the paper's 1024 is more
+Data parallel as pre-training: with a mesh (`evaluate` passes its own), each device takes its
+rows of the batch, the crops are keyed by the global row, BatchNorm statistics are taken over
+the global batch and the loss is its mean, so a run gives the same result on any number of
+devices (up to float rounding). Simplifications, for a CPU run on small data: a batch of
+`min(batch_size, subset size)` (the paper's 1024 is more
 than Fashion-MNIST's 600 labels at 1%), the learning rate scaled with it by the paper's
 sqrt rule; the crop's scale range is the run's `augment.crop_scale` (SimCLR's (0.08, 1) in
 the ImageNet recipe); the subset is read into memory once through the evaluation transform
@@ -47,7 +50,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssl_jax import optim
+from jax.sharding import PartitionSpec as P
+
+from ssl_jax import optim, parallel
 from ssl_jax.data import augment
 from ssl_jax.evaluation import features, lowlabel
 
@@ -69,6 +74,7 @@ class FineTuneNetwork(nn.Module):
   num_classes: int
   projector_width: int = 0      # 0: classify the encoder's features
   projector_norm: str = 'batch'  # 'batch' or 'layer', as the projector's
+  axis_name: Any = None         # the batch's mesh axes: BatchNorm over the global batch
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -79,6 +85,7 @@ class FineTuneNetwork(nn.Module):
         h = nn.LayerNorm(epsilon=1e-5, name='projector_norm')(h)
       else:
         h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         axis_name=self.axis_name if train else None,
                          name='projector_norm')(h)
       h = nn.relu(h)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
@@ -175,27 +182,42 @@ def cosine_learning_rate(step: int, num_steps: int, batch_size: int) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _training(network: FineTuneNetwork, optimizer: str, view_items: tuple):
-  """(optimizer, jitted step) for a network, an optimizer name and crop settings, built once:
-  the learning rate enters the step as an argument (`optax.inject_hyperparams`), so that every
-  subset size and schedule length, and every encoder of the same architecture, reuses one
-  compiled step."""
+def _training(network: FineTuneNetwork, optimizer: str, view_items: tuple, mesh):
+  """(optimizer, jitted step) for a network, an optimizer name, crop settings and a mesh,
+  built once: the learning rate enters the step as an argument (`optax.inject_hyperparams`),
+  so that every subset size and schedule length, and every encoder of the same
+  architecture, reuses one compiled step. The batch is split over the mesh's devices; the
+  network's BatchNorm layers reduce over `network.axis_name`, the mesh's axes."""
   tx = optax.inject_hyperparams(make_optimizer, static_args=('name',))(
       learning_rate=0.0, name=optimizer)
   view = types.SimpleNamespace(**dict(view_items))
+  axis = parallel.batch_axes(mesh)
 
-  def loss_fn(params, batch_stats, views, batch_labels):
+  def device_loss(params, batch_stats, batch_images, batch_labels, key):
+    rows = batch_labels.shape[0]
+    views = augment.augment_views(key, batch_images, [view],
+                                  parallel.global_row_offset(rows, axis))[0]
     logits, updates = network.apply({'params': params, 'batch_stats': batch_stats}, views,
                                     train=True, mutable=['batch_stats'])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch_labels).mean()
+    # The global batch's mean: this device's sum over all devices' rows.
+    total = optax.softmax_cross_entropy_with_integer_labels(logits, batch_labels).sum()
+    loss = jax.lax.psum(total, axis) / (rows * jax.lax.psum(1, axis))
     return loss, updates.get('batch_stats', batch_stats)
 
-  @jax.jit
+  def loss_fn(params, batch_stats, batch_images, batch_labels, key):
+    return jax.shard_map(device_loss, mesh=mesh,
+                         in_specs=(P(), P(), P(axis), P(axis), P()),
+                         out_specs=(P(), P()))(params, batch_stats, batch_images,
+                                               batch_labels, key)
+
+  @functools.partial(jax.jit, in_shardings=(
+      parallel.replicated(mesh), parallel.replicated(mesh), parallel.replicated(mesh),
+      parallel.batch_sharded(mesh), parallel.batch_sharded(mesh), parallel.replicated(mesh),
+      parallel.replicated(mesh)))
   def train_step(params, batch_stats, opt_state, batch_images, batch_labels, key,
                  learning_rate):
-    views = augment.augment_views(key, batch_images, [view])[0]
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, views, batch_labels)
+        params, batch_stats, batch_images, batch_labels, key)
     opt_state.hyperparams['learning_rate'] = learning_rate
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
@@ -226,11 +248,13 @@ def crop_flip_config(config, image_size: int) -> types.SimpleNamespace:
 def fine_tune(config, params, batch_stats, images, labels, *, num_classes: int,
               epochs: float, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
               image_size: int | None = None, keep_projector_layer: bool = False,
-              optimizer: str = 'lars') -> FineTuned:
+              optimizer: str = 'lars', mesh=None) -> FineTuned:
   """Fine-tunes the pretrained network's encoder (`params['encoder']`, `batch_stats
   ['encoder']`) with a new classifier on uint8 `images` [N, H, W, C] and int `labels` [N],
   for `epochs` passes (rounded up to whole batches). The same arguments give the same
-  result. `image_size`: the crops' (and the test images') size; None: the images' own."""
+  result. `image_size`: the crops' (and the test images') size; None: the images' own.
+  `mesh`: the devices that split each batch (None: one device); a batch that its devices
+  do not divide runs on one device."""
   from ssl_jax.models import build_encoder  # pylint: disable=g-import-not-at-top
   images, labels = np.asarray(images), np.asarray(labels, np.int32)
   size = image_size or images.shape[1]
@@ -239,12 +263,15 @@ def fine_tune(config, params, batch_stats, images, labels, *, num_classes: int,
   width, norm = 0, 'batch'
   if keep_projector_layer:
     width, norm, _, _ = projector_first_layer(params, batch_stats)
-  network = FineTuneNetwork(build_encoder(config.model, None), num_classes, width, norm)
+  if mesh is None or batch_size % mesh.devices.size:
+    mesh = parallel.make_mesh(1)
+  axis = parallel.batch_axes(mesh)
+  network = FineTuneNetwork(build_encoder(config.model, axis), num_classes, width, norm, axis)
   sample = jnp.zeros((1, size, size, images.shape[-1]), jnp.float32)
   variables = initial_variables(network, params, batch_stats, sample, seed,
                                 keep_projector_layer)
   tx, train_step = _training(network, optimizer,
-                             tuple(sorted(vars(crop_flip_config(config, size)).items())))
+                             tuple(sorted(vars(crop_flip_config(config, size)).items())), mesh)
   params, stats = variables['params'], variables['batch_stats']
   opt_state = tx.init(params)
   key = jax.random.PRNGKey(seed)
@@ -277,10 +304,11 @@ def low_label_fine_tune(config, params, batch_stats, bank, queries, *, num_class
                         fractions=(0.01, 0.1), seed: int = 0,
                         batch_size: int = DEFAULT_BATCH_SIZE, image_size: int | None = None,
                         keep_projector_layer: bool = False, optimizer: str = 'lars',
-                        eval_batch_size: int = 1024) -> dict:
+                        eval_batch_size: int = 1024, mesh=None) -> dict:
   """For each fraction: `fine_tune` on the bank's `lowlabel.label_subset(bank labels,
   fraction, seed)` (the low-label probe's subset) for `epochs_for(fraction)` epochs, scored
-  top-1 on every query. `bank` and `queries` are `eval_data.EvalSet`s.
+  top-1 on every query. `bank` and `queries` are `eval_data.EvalSet`s; `mesh` as
+  `fine_tune`'s.
 
   Returns {lowlabel.fraction_name(f): {'test_accuracy', 'num_labels', 'epochs', 'steps',
   'batch_size', 'final_loss', 'seconds'}}."""
@@ -294,7 +322,7 @@ def low_label_fine_tune(config, params, batch_stats, bank, queries, *, num_class
     tuned = fine_tune(config, params, batch_stats, images, labels, num_classes=num_classes,
                       epochs=epochs_for(fraction), batch_size=batch_size, seed=seed,
                       image_size=image_size, keep_projector_layer=keep_projector_layer,
-                      optimizer=optimizer)
+                      optimizer=optimizer, mesh=mesh)
     logits, test_labels = eval_data.stream_features(tuned.frozen(), queries, eval_batch_size,
                                                     image_size)
     results[lowlabel.fraction_name(fraction)] = {
