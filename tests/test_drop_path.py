@@ -61,6 +61,18 @@ def test_mask_follows_the_global_batch_not_the_device():
                                 drop_path_mask(key, per_view, keep, None, per_view))
 
 
+def test_mask_is_the_same_in_float64_mode():
+  """Catches a uniform drawn in the default float dtype, or in jnp.float32: in the harness's
+  float64 reference (x64 on, jnp.float32 mapped to float64) it would come from 64 bits and
+  drop other rows than the float32 run, so a reference with drop path could not match."""
+  key = jax.random.PRNGKey(3)
+  plain = np.asarray(drop_path_mask(key, 256, 0.5, None, 64))
+  with mh.float64_computation():
+    wide = np.asarray(drop_path_mask(key, 256, 0.5, None, 64))
+  np.testing.assert_array_equal(wide, plain)
+  assert 0.35 < plain.mean() < 0.65
+
+
 # ------------------------------------------------------- every method's online forward
 
 def _vit_calls(config):

@@ -18,8 +18,9 @@ import method_harness as mh
 from ssl_jax import config_lib, parallel, train
 from ssl_jax.losses import ibot as ibot_loss
 from ssl_jax.methods import RunLength, build_method
-from ssl_jax.methods.ibot import MAX_BLOCK_TRIES, block_mask, block_masks
+from ssl_jax.methods.ibot import MAX_BLOCK_TRIES, IBOTHead, block_mask, block_masks
 from ssl_jax.models import build_encoder
+from ssl_jax.models.dino_head import DINOHead
 
 BATCH = 16
 
@@ -35,6 +36,7 @@ def _config(**method):
   local crops of 12 pixels, small heads."""
   c = mh.tiny_vit_config('ibot', batch_size=BATCH)
   c.model.vit_pool = 'cls'
+  c.augment.num_local_crops = 2  # the CPU recipe has none
   c.augment.local_crop_size = 12
   c.method.num_patch_prototypes = 64
   c.method.update(method)
@@ -119,8 +121,9 @@ def reference_ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, 
 def test_objective_matches_the_authors_ibot_loss():
   """The method's objective (both parts, weights, temperature schedules, both centres) on 8
   devices against the float64 port of iBOTLoss, mid-warm-up, weights other than 1."""
-  config = _config(cls_loss_weight=0.7, patch_loss_weight=1.3, teacher_patch_temperature=0.09,
-                   teacher_temperature_start=0.03, teacher_warmup_epochs=4.0)
+  config = _config(cls_loss_weight=0.7, patch_loss_weight=1.3, teacher_temperature_start=0.03,
+                   teacher_temperature=0.07, teacher_patch_temperature_start=0.04,
+                   teacher_patch_temperature=0.09, teacher_warmup_epochs=4.0)
   method = build_method(config, RunLength(total_steps=10, steps_per_epoch=1))
   m = config.method
   rng = np.random.default_rng(0)
@@ -341,6 +344,31 @@ def test_masked_patches_are_invisible_and_the_vit_stays_plain():
   assert np.abs(all_masked[0, 1] - all_masked[0, 2]).max() > 1e-3
 
 
+@pytest.mark.parametrize('shared', [True, False])
+def test_head_is_dinos_head_on_every_token(shared):
+  """IBOTHead is DINOHead (models/dino_head.py) run on the class features and on every patch
+  token with one MLP: its class outputs are DINOHead's with the same parameters, its patch
+  outputs DINOHead's on each token with `patch_last_layer` (if not shared) as the last layer.
+  Catches a second MLP for the patches and a head that drifts from DINO's."""
+  features = jax.random.normal(jax.random.PRNGKey(0), (3, 12))
+  patches = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 12))
+  sizes = dict(output_dim=10, hidden_dim=20, bottleneck_dim=8, num_layers=3)
+  head = IBOTHead(patch_output_dim=7, shared=shared, norm_last_layer=False, **sizes)
+  params = head.init(jax.random.PRNGKey(2), features, patches)['params']
+  layers = {'Dense_0', 'Dense_1', 'Dense_2', 'last_layer'}
+  assert set(params) == (layers if shared else layers | {'patch_last_layer'})
+  cls_out, patch_out = head.apply({'params': params}, features, patches)
+  dino = lambda k: DINOHead(norm_last_layer=False, **dict(sizes, output_dim=k))  # noqa: E731
+  mlp = {name: params[name] for name in ('Dense_0', 'Dense_1', 'Dense_2')}
+  np.testing.assert_allclose(cls_out, dino(10).apply(
+      {'params': dict(mlp, last_layer=params['last_layer'])}, features), rtol=1e-6)
+  patch_layer = params['last_layer'] if shared else params['patch_last_layer']
+  expected = dino(10 if shared else 7).apply(
+      {'params': dict(mlp, last_layer=patch_layer)}, patches.reshape(10, 12))
+  assert patch_out.shape == (2, 5, 10 if shared else 7)
+  np.testing.assert_allclose(patch_out.reshape(10, -1), expected, rtol=1e-6)
+
+
 @pytest.mark.slow  # 7-20 s each: the multi-crop network's init, student and teacher
 @pytest.mark.parametrize('shared, shared_teacher', [(True, True), (False, True),
                                                     (False, False)])
@@ -387,10 +415,12 @@ def test_heads_shared_or_separate(shared, shared_teacher):
 @pytest.mark.slow  # about 90 s on 2 busy cores: three compilations of the multi-crop step
 def test_devices_agree_multicrop():
   """8 devices == 1 device == float64: loss, gradients (mask token included), metrics and
-  both centres, at step 1 of the temperatures' warm-up. Without drop path: its masks draw
-  floats (models.vit.drop_path_mask), which the float64 reference draws differently;
-  tests/test_drop_path.py and tests/test_microbatch.py check it on 1 and 8 devices."""
-  config = _config(masked_crop_fraction=0.75)
+  both centres, at step 1 of the temperatures' warm-up, with drop path in the student (its
+  masks are drawn in float32 in the float64 reference too: models.vit.drop_path_mask)."""
+  config = _config(masked_crop_fraction=0.75, teacher_temperature_start=0.04,
+                   teacher_temperature=0.07, teacher_patch_temperature=0.07,
+                   teacher_warmup_epochs=4.0)
+  config.model.drop_path_rate = 0.3
   ref = mh.check_devices_agree(config, num_devices=8, batch_size=BATCH, steps=(1,))
   loss, grads, metrics, _, state = ref
   assert metrics['masked_fraction'] > 0.05
@@ -455,4 +485,11 @@ def test_recipes():
   assert (m.mask_ratio, m.mask_ratio_spread, m.masked_crop_fraction) == (0.3, 0.2, 0.5)
   cpu = mh.load_config('ibot')
   assert cpu.model.name == 'vit_micro' and cpu.model.vit_pool == 'cls'
-  assert cpu.augment.crop_size // cpu.model.patch_size == 7 and cpu.num_epochs == 4
+  assert cpu.augment.crop_size // cpu.model.patch_size == 4 and cpu.num_epochs == 4
+  # configs/dino.py's CPU teacher (no temperature warm-up, momentum 0.99), a sharper class
+  # token's, main_ibot.py's lr and normalised last layer.
+  m = cpu.method
+  assert (m.teacher_temperature_start, m.teacher_temperature, m.teacher_patch_temperature_start,
+          m.teacher_patch_temperature, m.target_momentum) == (0.02, 0.02, 0.04, 0.04, 0.99)
+  assert m.norm_last_layer and cpu.optimizer.base_lr == 0.0005
+  assert cpu.augment.num_local_crops == 0 and m.num_prototypes == 1024

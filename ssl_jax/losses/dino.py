@@ -77,3 +77,24 @@ def update_center(center: jnp.ndarray, teacher: list[jnp.ndarray], momentum: flo
   num_rows = parallel.psum(jnp.float32(outputs.shape[0]), axis_name)
   batch_center = parallel.psum(jnp.sum(outputs, axis=0), axis_name) / num_rows
   return momentum * center + (1.0 - momentum) * batch_center
+
+
+def config_problems(m) -> list[str]:
+  """What is wrong in a DINO-style method config `m` (DINO's, iBOT's): the temperatures,
+  centre momentum, head depth and outputs, and the warm-up and freeze lengths, each message
+  naming the fix."""
+  problems = []
+  for name in ('student_temperature', 'teacher_temperature', 'teacher_temperature_start'):
+    if m[name] <= 0:
+      problems.append(f'method.{name} must be positive.')
+  if not 0.0 <= m.center_momentum < 1.0:
+    problems.append('method.center_momentum must be in [0, 1) (the paper: 0.9).')
+  if m.projector_num_layers < 1:
+    problems.append('method.projector_num_layers must be at least 1 (the paper: 3).')
+  if m.num_prototypes < 1:
+    problems.append('method.num_prototypes must be positive (the papers: DINO 65536, '
+                    'iBOT 8192).')
+  for name in ('teacher_warmup_epochs', 'freeze_last_layer_epochs'):
+    if m[name] < 0:
+      problems.append(f'method.{name} must be >= 0 (0 disables it).')
+  return problems

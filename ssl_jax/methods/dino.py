@@ -71,21 +71,7 @@ class DINO(Method):
 
   @classmethod
   def method_problems(cls, config) -> list[str]:
-    m = config.method
-    problems = []
-    for name in ('student_temperature', 'teacher_temperature', 'teacher_temperature_start'):
-      if m[name] <= 0:
-        problems.append(f'method.{name} must be positive.')
-    if not 0.0 <= m.center_momentum < 1.0:
-      problems.append('method.center_momentum must be in [0, 1) (the paper: 0.9).')
-    if m.projector_num_layers < 1:
-      problems.append('method.projector_num_layers must be at least 1 (the paper: 3).')
-    if m.num_prototypes < 1:
-      problems.append('method.num_prototypes must be positive (the paper: 65536).')
-    for name in ('teacher_warmup_epochs', 'freeze_last_layer_epochs'):
-      if m[name] < 0:
-        problems.append(f'method.{name} must be >= 0 (0 disables it).')
-    return problems
+    return dino_loss.config_problems(config.method)
 
   def init(self, rng, images):
     params, batch_stats = self.init_networks(rng, images)

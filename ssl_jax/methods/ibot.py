@@ -49,7 +49,6 @@ their arithmetic in numpy's float32, so a float64 reference run masks the same p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -60,11 +59,10 @@ import optax
 from ssl_jax import models, parallel
 from ssl_jax.losses import dino as dino_loss
 from ssl_jax.losses import ibot as ibot_loss
-from ssl_jax.losses.info_nce import l2_normalize
 from ssl_jax.methods.base import Method
 from ssl_jax.methods.common import concatenated_views, split_views
 from ssl_jax.models import DTYPES, build_encoder
-from ssl_jax.models.dino_head import WeightNormDense
+from ssl_jax.models.dino_head import DINOHead
 
 # fold_in tag ('mask') that keeps the masking keys apart from the dropout keys.
 _MASK_STREAM = 0x6D61736B
@@ -160,37 +158,24 @@ def block_masks(key, num_views: int, rows: int, grid: tuple[int, int], method_co
                                          tuple(m.mask_aspect_ratio)))(keys)
 
 
-class IBOTHead(nn.Module):
-  """The reference's `iBOTHead`: DINO's head (`models.dino_head.DINOHead`: Linear-GELU
-  layers, an l2-normalised bottleneck) on the class-token features and every patch token,
-  then the weight-normalised `last_layer` for the former and, unless `shared`, a second one,
-  `patch_last_layer`, for the latter. Returns float32 (class [B, K], patches [B', L, K'])."""
-  output_dim: int = 8192
+class IBOTHead(DINOHead):
+  """The reference's `iBOTHead`: DINO's head (`models.dino_head.DINOHead`: its Linear-GELU
+  layers and l2-normalised bottleneck, `bottleneck`) on the class-token features and every
+  patch token, then the weight-normalised `last_layer` for the former and, unless `shared`, a
+  second one, `patch_last_layer`, `patch_output_dim` wide, for the latter. Returns float32
+  (class [B, K], patches [B', L, K'])."""
   patch_output_dim: int = 8192
-  hidden_dim: int = 2048
-  bottleneck_dim: int = 256
-  num_layers: int = 3
-  norm_last_layer: bool = True
   shared: bool = True
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features, patches, train: bool = True):
     del train  # no BatchNorm or dropout
     b, (pb, num_patches) = features.shape[0], patches.shape[:2]
     # One pass of the MLP over all tokens: it is shared, as the reference's.
-    x = jnp.concatenate([features, patches.reshape(pb * num_patches, -1)]).astype(self.dtype)
-    dense = lambda d: nn.Dense(d, dtype=self.dtype,  # noqa: E731
-                               kernel_init=nn.initializers.truncated_normal(0.02),
-                               bias_init=nn.initializers.zeros)
-    for _ in range(self.num_layers - 1):
-      x = nn.gelu(dense(self.hidden_dim)(x), approximate=False)  # torch's exact GELU
-    x = l2_normalize(dense(self.bottleneck_dim)(x))
-    last = WeightNormDense(self.output_dim, learn_scale=not self.norm_last_layer,
-                           dtype=self.dtype, name='last_layer')
-    patch_last = last if self.shared else WeightNormDense(
-        self.patch_output_dim, learn_scale=not self.norm_last_layer, dtype=self.dtype,
-        name='patch_last_layer')
+    x = self.bottleneck(jnp.concatenate([features, patches.reshape(pb * num_patches, -1)]))
+    last = self.output_layer(self.output_dim)
+    patch_last = last if self.shared else self.output_layer(self.patch_output_dim,
+                                                            name='patch_last_layer')
     patch_out = patch_last(x[b:]).reshape(pb, num_patches, -1)
     return last(x[:b]).astype(jnp.float32), patch_out.astype(jnp.float32)
 
@@ -269,25 +254,17 @@ class IBOT(Method):
       return [f'ibot masks the patch tokens of a Vision Transformer, model.name='
               f'{model.name!r} has none: use a vit_* backbone (the config argument '
               'backbone=vit_micro on Fashion-MNIST, vit_small as the paper).']
-    problems = []
-    for name in ('student_temperature', 'teacher_temperature', 'teacher_temperature_start',
-                 'teacher_patch_temperature', 'teacher_patch_temperature_start'):
+    # DINO's checks (temperatures, centre momentum, head, schedules), then iBOT's own.
+    problems = dino_loss.config_problems(m)
+    for name in ('teacher_patch_temperature', 'teacher_patch_temperature_start'):
       if m[name] <= 0:
         problems.append(f'method.{name} must be positive.')
-    if not 0.0 <= m.center_momentum < 1.0:
-      problems.append('method.center_momentum must be in [0, 1) (the paper: 0.9).')
-    if m.projector_num_layers < 1:
-      problems.append('method.projector_num_layers must be at least 1 (the paper: 3).')
-    if m.num_prototypes < 1 or m.num_patch_prototypes < 1:
-      problems.append('method.num_prototypes and method.num_patch_prototypes must be '
-                      'positive (the paper: 8192 each).')
+    if m.num_patch_prototypes < 1:
+      problems.append('method.num_patch_prototypes must be positive (the paper: 8192).')
     if m.shared_head and not m.shared_head_teacher:
       problems.append('method.shared_head=True with shared_head_teacher=False would give the '
                       'teacher a patch layer that the student lacks, never trained: set '
                       'shared_head_teacher=True.')
-    for name in ('teacher_warmup_epochs', 'freeze_last_layer_epochs'):
-      if m[name] < 0:
-        problems.append(f'method.{name} must be >= 0 (0 disables it).')
     if not 0.0 <= m.mask_ratio_spread <= m.mask_ratio <= 1.0 - m.mask_ratio_spread:
       problems.append(f'method.mask_ratio={m.mask_ratio} +- mask_ratio_spread='
                       f'{m.mask_ratio_spread} must stay within [0, 1], spread >= 0 (the '

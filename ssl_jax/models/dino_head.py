@@ -54,18 +54,27 @@ class DINOHead(nn.Module):
   norm_last_layer: bool = True
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    del train  # No BatchNorm or dropout: the same in training and evaluation.
-    dense = lambda d: nn.Dense(d, dtype=self.dtype,
+  def bottleneck(self, x):
+    """The head before its last layer: the Linear-GELU layers and the l2-normalised
+    bottleneck [..., bottleneck_dim] (float32). Call it from a compact method (`__call__`, or
+    a subclass's: iBOT's head runs it on every token); its layers are Dense_0, Dense_1, ..."""
+    dense = lambda d: nn.Dense(d, dtype=self.dtype,  # noqa: E731
                                kernel_init=nn.initializers.truncated_normal(0.02),
                                bias_init=nn.initializers.zeros)
     x = x.astype(self.dtype)
     for _ in range(self.num_layers - 1):
       # torch's nn.GELU is the exact (erf) form.
       x = nn.gelu(dense(self.hidden_dim)(x), approximate=False)
-    x = dense(self.bottleneck_dim)(x)
-    x = l2_normalize(x)  # in float32
-    x = WeightNormDense(self.output_dim, learn_scale=not self.norm_last_layer,
-                        dtype=self.dtype, name='last_layer')(x)
+    return l2_normalize(dense(self.bottleneck_dim)(x))  # in float32
+
+  def output_layer(self, features: int, name: str = 'last_layer') -> WeightNormDense:
+    """A weight-normalised last layer to `features` outputs (g fixed to 1 with
+    `norm_last_layer`)."""
+    return WeightNormDense(features, learn_scale=not self.norm_last_layer, dtype=self.dtype,
+                           name=name)
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train  # No BatchNorm or dropout: the same in training and evaluation.
+    x = self.output_layer(self.output_dim)(self.bottleneck(x))
     return precision.to_float32(x)

@@ -105,10 +105,12 @@ def drop_path_mask(key, rows: int, keep_prob: float, axis_name=None,
   where `first_row` is the global-batch index of the first example (None: this device's
   first row, `parallel.global_row_offset` over `axis_name`, the batch axes inside
   `shard_map`; a micro-batch passes its own, `ssl_jax.microbatch`).
-  Example e of view v keeps the branch iff a uniform drawn from fold_in(fold_in(key, v), e)
-  is below `keep_prob`. With the same `key` on every device, an example's mask depends only
-  on the key, its view and its index in the global batch, never on the device that holds it,
-  the device count or the micro-batch: as `augment.example_keys` for the views.
+  Example e of view v keeps the branch iff a float32 uniform drawn from
+  fold_in(fold_in(key, v), e) is below `keep_prob` (float32 in float64 mode too, so that a
+  float64 reference run drops the same rows). With the same `key` on every device, an
+  example's mask depends only on the key, its view and its index in the global batch, never
+  on the device that holds it, the device count or the micro-batch: as
+  `augment.example_keys` for the views.
   """
   per_view = rows_per_view or rows
   if rows % per_view:
@@ -119,7 +121,11 @@ def drop_path_mask(key, rows: int, keep_prob: float, axis_name=None,
   example = first_row + row % per_view
   fold = lambda view, e: jax.random.fold_in(jax.random.fold_in(key, view), e)  # noqa: E731
   keys = jax.vmap(fold)(row // per_view, example)
-  return jax.vmap(jax.random.uniform)(keys) < keep_prob
+  # float32 whatever the default float: under jax_enable_x64 (the float64 reference runs)
+  # a default-dtype uniform would come from 64 bits and drop other rows. numpy's float32,
+  # which the tests' float64 reference leaves alone (it maps jnp.float32 to float64).
+  uniform = jax.vmap(lambda k: jax.random.uniform(k, dtype=np.float32))(keys)
+  return uniform < np.float32(keep_prob)
 
 
 class Attention(nn.Module):
