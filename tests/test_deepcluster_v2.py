@@ -184,6 +184,7 @@ def _two_step_epochs(config, num_train_examples):
   return 2
 
 
+@pytest.mark.slow  # three short runs: `pytest -m slow` (the default resumes MoCo v2)
 def test_resumed_run_ends_with_identical_state(tmp_path):
   """Epochs of 2 steps on Fashion-MNIST: step 2 runs the first k-means. A run stopped at
   step 2 and resumed (the k-means then runs on the restored memory) ends as the straight

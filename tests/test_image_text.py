@@ -28,7 +28,7 @@ def _config(name):
   return config
 
 
-@pytest.mark.parametrize('name', ['clip', 'siglip'])
+@pytest.mark.parametrize('name', ['clip', pytest.param('siglip', marks=pytest.mark.slow)])
 def test_loss_and_gradients_on_8_devices_equal_one_device_and_float64(name):
   """Both towers, the logit scale and SigLIP's bias: catches a loss that sees only this
   device's captions, a caption draw keyed by the local row (1 and 8 devices would draw

@@ -120,7 +120,7 @@ def _whole_batch(method, k):
 
 # Two ways of running the networks in the default run (views in one call; a call per view,
 # a queue and a momentum encoder), about 12 s each on 2 cores; the others under -m slow.
-FAST = {'triplet', 'moco_v2'}
+FAST = {'triplet'}
 
 
 @pytest.mark.parametrize('name', [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)

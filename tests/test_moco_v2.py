@@ -115,6 +115,7 @@ def test_loss_and_new_queue_match_reference(symmetric):
   assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
 
 
+@pytest.mark.slow  # `pytest -m slow`: the default checks the shuffled-BN variant below
 def test_devices_agree_synchronised_bn():
   # The loss ignores `step` (m is constant and applied by the trainer), so one step suffices.
   harness.check_devices_agree(_config(), steps=(0,))

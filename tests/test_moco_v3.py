@@ -103,6 +103,7 @@ def test_momentum_schedule_is_the_papers_cosine():
   np.testing.assert_allclose(method.target_momentum(1000), 1.0, rtol=1e-7)
 
 
+@pytest.mark.slow  # `pytest -m slow`: BYOL's and DINO's targets are checked so by default
 def test_momentum_encoder_through_the_trainer():
   config = _config()
   config.total_steps = 4  # m over the run: 0.99, 0.99146, 0.995, 0.99854, (1 at step 4)

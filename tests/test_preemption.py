@@ -59,7 +59,16 @@ def _assert_states_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
-def test_stop_signals_request_a_stop_then_act_as_before(tmp_path):
+@pytest.fixture
+def python_sigint():
+  """SIGINT handled as in a plain `python` process (KeyboardInterrupt) for the test: the
+  pytest-xdist workers that run the suite ignore SIGINT."""
+  original = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, original)
+
+
+def test_stop_signals_request_a_stop_then_act_as_before(python_sigint):
   previous = {s: signal.getsignal(s) for s in preemption.SIGNALS}
   with preemption.StopSignals() as signals:
     assert not signals.requested

@@ -168,6 +168,7 @@ def test_after_update_normalises_only_the_prototypes():
                                 scaled['projector']['Dense_0']['kernel'])
 
 
+@pytest.mark.slow  # three short runs: `pytest -m slow` (the default resumes MoCo v2)
 def test_resume_gives_identical_state_and_frozen_prototypes_stay(tmp_path):
   """Queue from step 0 (full after 2 steps), prototypes frozen for 2 steps: a run stopped at
   step 2 and resumed ends as the straight run, queue included."""
