@@ -179,6 +179,7 @@ def one_step_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # `evaluate --evals=finetune` end to end, ~30 s: `pytest -m slow`
 def test_evaluate_finetune_rows_use_the_probes_subsets(one_step_workdir, monkeypatch):
   # Catches: subsets other than the low-label probe's (another seed, fraction or label
   # order), rows missing from the table, raw pixels fine-tuned.

@@ -45,6 +45,7 @@ def setup(tmp_path_factory):
   return workdir, root
 
 
+@pytest.mark.slow  # a full --transfer evaluation, ~40 s: `pytest -m slow`; the checks below stay
 def test_transfer_rows_per_encoder_on_the_targets_splits(setup):
   # Catches: RGB fed to a 1-channel encoder other than through its luma, rows missing or
   # scored on the run's own dataset.
