@@ -46,10 +46,8 @@ def weight_decay_schedule(opt_cfg, total_steps: int) -> float | optax.Schedule:
   if end is None or end == opt_cfg.weight_decay:
     return opt_cfg.weight_decay
   start, total = opt_cfg.weight_decay, max(int(total_steps), 1)
-  # optax's cosine decay from `start` to alpha * start; alpha > 1 makes it a rise.
-  if start > 0:
-    return optax.cosine_decay_schedule(start, total, alpha=end / start)
-  return lambda count: end * 0.5 * (1 - jnp.cos(jnp.pi * jnp.minimum(count, total) / total))
+  return lambda count: end + 0.5 * (start - end) * (
+      1 + jnp.cos(jnp.pi * jnp.minimum(count, total) / total))
 
 
 def decay_mask(params):

@@ -11,8 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import config_lib
-from ssl_jax import parallel
+from ssl_jax import config_lib, parallel
 
 
 def num_clusters(config) -> tuple[int, ...]:

@@ -107,7 +107,8 @@ class DeepClusterV2(Method):
 
   def init(self, rng, images):
     params, batch_stats = self.init_networks(rng, images)
-    n, d = bank_size('deepcluster_v2', self.config, self.run_length), self.config.method.projector_output_dim
+    n = bank_size('deepcluster_v2', self.config, self.run_length)
+    d = self.config.method.projector_output_dim
     heads = num_clusters(self.config)
     state = {
         'memory': jnp.zeros((self.num_views, n, d), jnp.float32),  # z of each global crop

@@ -89,7 +89,8 @@ class PCL(MoCoV2):
     return problems
 
   def init(self, rng, images):
-    n, d = bank_size('pcl', self.config, self.run_length), self.config.method.projector_output_dim  # fails first
+    n = bank_size('pcl', self.config, self.run_length)  # fails first
+    d = self.config.method.projector_output_dim
     params, batch_stats, queue_state = super().init(rng, images)
     ks = num_clusters(self.config)
     t = self.config.method.temperature
