@@ -63,19 +63,22 @@ def test_mesh_shape_and_config_check():
     config_lib.validate(config, 8)
 
 
-def _steps(config, fsdp: int, num_steps: int = 3):
-  """`num_steps` train steps of `config` on 8 devices with the given fsdp; (losses, final
-  state on the host, the final state's shardings)."""
-  built = experiment.build(config, num_train_examples=config.batch_size, image_channels=1,
-                           mesh=parallel.make_mesh(8, fsdp=fsdp))
+def _steps(config, fsdp: int, num_steps: int = 3, epoch_batches: int = 1):
+  """`num_steps` train steps of `config` on 8 devices with the given fsdp, on epochs of
+  `epoch_batches` batches; (losses, final state on the host, the final state's shardings)."""
+  built = experiment.build(config, num_train_examples=config.batch_size * epoch_batches,
+                           image_channels=1, mesh=parallel.make_mesh(8, fsdp=fsdp))
   state, step = built.init_state(0), built.make_train_step()
   initial = jax.device_get(state)
   metrics = []
   for i in range(num_steps):
     if built.method.paired_inputs == ('index',):
-      # Every example of the one-batch epoch, in a new order each step: DeepCluster-v2's
-      # memory bank holds them all, and its k-means runs at every step after the first.
-      index = np.random.default_rng(i).permutation(config.batch_size).astype(np.int32)
+      # Every example of the epoch, in a new order each epoch: the memory bank holds them
+      # all (with one-batch epochs, DeepCluster-v2's k-means runs at every step after the
+      # first).
+      epoch, part = divmod(i, epoch_batches)
+      order = np.random.default_rng(epoch).permutation(config.batch_size * epoch_batches)
+      index = order[part * config.batch_size:(part + 1) * config.batch_size].astype(np.int32)
       images, paired = parallel.global_batch_from_host(
           (mh.random_batch(config, i), (index,)), built.mesh)
       state, m = step(state, images, paired=paired)
@@ -95,10 +98,12 @@ def _split_leaves(specs) -> int:
 # MoCo v2: a queue (method state) and a target network; DINO: a centre, the teacher, the
 # last layer frozen for a step (a masked optimizer); SwAV: prototypes normalised after each
 # update (after_update on split leaves) and a queue; DeepCluster-v2: a memory bank and
-# k-means over it (rows split over devices) in the step.
+# k-means over it (rows split over devices) in the step; PCL: the same at an epoch start,
+# then ProtoNCE on the clusters, beside MoCo's queue.
 @pytest.mark.parametrize('name', ['moco_v2', pytest.param('dino', marks=pytest.mark.slow),
                                   pytest.param('swav', marks=pytest.mark.slow),
                                   pytest.param('deepcluster_v2', marks=pytest.mark.slow),
+                                  pytest.param('pcl', marks=pytest.mark.slow),
                                   pytest.param('vit', marks=pytest.mark.slow)])
 def test_fsdp_step_equals_replicated(name):
   """Three steps on a 4 x 2 mesh (one for the ViT) equal those steps with replicated state on the same 8
@@ -116,13 +121,22 @@ def test_fsdp_step_equals_replicated(name):
   if name == 'deepcluster_v2':  # clusters of the 32-example epoch; one k-means iteration
     config.method.update(num_clusters=(8, 6), kmeans_iterations=2)
     config.augment.num_local_crops = 0
+  num_steps, epoch_batches = 3, 1
+  if name == 'pcl':  # epochs of 3 batches: InfoNCE, then k-means at step 3 and ProtoNCE
+    config.method.update(num_clusters=(48, 40), num_negative_prototypes=6,
+                         kmeans_iterations=2, queue_size=64)
+    num_steps, epoch_batches = 5, 3
+    config.total_steps = num_steps
   config.optimizer.name, config.optimizer.base_lr = 'sgd', 2.0
   config.optimizer.warmup_epochs = 0.0
   # One step for the ViT: from its second step on, its gradients amplify float rounding past
   # the tolerance; replicated runs on 1 and 8 devices part as much as the fsdp run does.
-  num_steps = 1 if name == 'vit' else 3
-  replicated_metrics, initial, replicated, _ = _steps(config, 1, num_steps)
-  sharded_metrics, _, sharded, specs = _steps(config, 2, num_steps)
+  if name == 'vit':
+    num_steps = 1
+  replicated_metrics, initial, replicated, _ = _steps(config, 1, num_steps, epoch_batches)
+  sharded_metrics, _, sharded, specs = _steps(config, 2, num_steps, epoch_batches)
+  if name == 'pcl':  # not vacuous: ProtoNCE was on at the last step
+    assert float(sharded_metrics[-1]['proto_nce']) > 0
   # Not vacuous: the parameters, optimizer state, target and method state are split.
   for part in ('params', 'opt_state', 'target_params', 'method_state'):
     assert _split_leaves(getattr(specs, part)) > 0 or not getattr(sharded, part), part
