@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import method_harness as mh
+
 from ssl_jax import evaluate, parallel, train
 from ssl_jax.evaluation import eval_data, features, finetune, linear, lowlabel
 from ssl_jax.methods.common import encoder_with_projector
@@ -92,6 +94,27 @@ def test_fine_tuning_on_8_devices_equals_one_device(tiny_config):
   assert not np.allclose(one.variables['batch_stats']['encoder']['BatchNorm_1']['mean'],
                          stats['encoder']['BatchNorm_1']['mean'])
   assert one.losses[-1] < one.losses[0]
+
+
+def test_fine_tuning_a_vit_without_batch_norm(tiny_config):
+  """MAE's and iBOT's encoder, a ViT, has no BatchNorm: its pretrained weights load (no
+  running statistics expected) and fine-tuning trains it. Catches the fit check demanding a
+  'batch_stats' collection the network never creates (MAE's workdir failed so)."""
+  config = tiny_config.copy_and_resolve_references()
+  config.model.update(name='vit_test', patch_size=4, vit_pool='gap', drop_path_rate=0.0)
+  with mh.tiny_vit_registered():
+    encoder = build_encoder(config.model)
+    variables = encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 1)), train=False)
+    assert 'batch_stats' not in variables
+    params = {'encoder': variables['params']}
+    images, labels = _brightness_toy(32, seed=0)
+    tuned = finetune.fine_tune(config, params, {}, images, labels, num_classes=2, epochs=6,
+                               batch_size=8, seed=0)
+    x_test, y_test = _brightness_toy(200, seed=1)
+    assert np.mean(tuned.logits(x_test).argmax(-1) == y_test) > 0.6  # chance: 0.5
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       tuned.variables['params']['encoder'], params['encoder'])
+  assert max(jax.tree.leaves(moved)) > 0
 
 
 def test_batches_cover_every_example_once_per_epoch():

@@ -149,7 +149,10 @@ def initial_variables(network: FineTuneNetwork, params, batch_stats, sample, see
     new_params.update(layer_params)
     new_stats.update(layer_stats)
   variables = {'params': new_params, 'batch_stats': new_stats}
-  expected = jax.tree.map(lambda x: (x.shape, x.dtype), fresh)
+  # A network without BatchNorm (a ViT) initialises no 'batch_stats' collection; the run
+  # still carries one, empty, so that every network trains through the same step.
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype),
+                          {'params': fresh['params'], 'batch_stats': fresh.get('batch_stats', {})})
   got = jax.tree.map(lambda x: (jnp.shape(x), jnp.asarray(x).dtype), variables)
   if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
     raise ValueError('The pretrained encoder does not fit the encoder that config.model '
