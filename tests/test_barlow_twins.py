@@ -186,13 +186,14 @@ def test_loss_scale_reproduces_the_reference_two_learning_rates():
   for k in params:
     np.testing.assert_allclose(params[k], ref[k][0], rtol=1e-5, atol=1e-7, err_msg=k)
 
-  # The method returns the scaled loss and reports eq. 1 unscaled.
+  # The method returns the scaled loss and reports eq. 1 unscaled (the CPU recipe's scale).
   config = harness.shrink(harness.load_config('barlow_twins'))
   method, params, stats, target, state = harness.init_method(config)
   views = jax.jit(lambda: harness.make_views(config, method, 16))()
   loss, (metrics, _, _) = jax.jit(lambda p: method.loss(p, stats, target, state, views,
                                                         jax.random.PRNGKey(0), 0, None))(params)
-  np.testing.assert_allclose(loss, scale * metrics['barlow_twins_loss'], rtol=1e-6)
+  np.testing.assert_allclose(loss, config.method.loss_scale * metrics['barlow_twins_loss'],
+                             rtol=1e-6)
   np.testing.assert_allclose(
       metrics['barlow_twins_loss'],
       metrics['invariance_term'] + config.method.redundancy_weight * metrics['redundancy_term'],
