@@ -84,9 +84,9 @@ def test_local_crops_are_refused_by_two_view_methods_with_the_fix():
     config.augment.num_local_crops = 2
     with pytest.raises(config_lib.ConfigError, match='set augment.num_local_crops = 0'):
       config_lib.validate(config, num_devices=8)
-  # multi-crop methods accept them; dino's CPU recipe has none (configs/dino.py), and
-  # tests/test_dino.py validates its ResNet recipe, which has 8.
-  for name in ('swav',):
+  # Multi-crop methods accept them (their ConvNet CPU recipes have none: configs/swav.py,
+  # configs/dino.py).
+  for name in ('swav', 'dino'):
     config = importlib.import_module(f'ssl_jax.configs.{name}').get_config(None)
-    assert config.augment.num_local_crops > 0
+    config.augment.num_local_crops = 2
     config_lib.validate(config, num_devices=8)
