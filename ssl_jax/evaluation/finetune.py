@@ -140,8 +140,11 @@ def initial_variables(network: FineTuneNetwork, params, batch_stats, sample, see
   """The fine-tuning network's variables: the pretrained encoder (and projector layer)
   where the pretrained network has them, a zero classifier."""
   fresh = network.init(jax.random.PRNGKey(seed), sample, train=False)
+  # A network without BatchNorm (a ViT) initialises no 'batch_stats' collection; the run
+  # still carries one, empty, so that every network trains through the same step.
+  fresh = {'params': fresh['params'], 'batch_stats': fresh.get('batch_stats', {})}
   new_params = dict(fresh['params'], encoder=params['encoder'])
-  new_stats = dict(fresh.get('batch_stats', {}))
+  new_stats = dict(fresh['batch_stats'])
   if 'encoder' in batch_stats:
     new_stats['encoder'] = batch_stats['encoder']
   if keep_projector_layer:
@@ -149,10 +152,7 @@ def initial_variables(network: FineTuneNetwork, params, batch_stats, sample, see
     new_params.update(layer_params)
     new_stats.update(layer_stats)
   variables = {'params': new_params, 'batch_stats': new_stats}
-  # A network without BatchNorm (a ViT) initialises no 'batch_stats' collection; the run
-  # still carries one, empty, so that every network trains through the same step.
-  expected = jax.tree.map(lambda x: (x.shape, x.dtype),
-                          {'params': fresh['params'], 'batch_stats': fresh.get('batch_stats', {})})
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype), fresh)
   got = jax.tree.map(lambda x: (jnp.shape(x), jnp.asarray(x).dtype), variables)
   if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
     raise ValueError('The pretrained encoder does not fit the encoder that config.model '
