@@ -48,6 +48,8 @@ flags.DEFINE_enum('embedding', 'pca', ['pca', 'tsne', 'none'],
 flags.DEFINE_integer('seed', 0, 'Seed of the low-label subsets and validation splits.')
 flags.DEFINE_string('transfer', None, 'Also score the frozen encoders on this labelled '
                     "dataset's train/test splits (tfds:<name>, folder:<path>).")
+flags.DEFINE_integer('image_size', None, 'Evaluate on images of this side (resized as in '
+                     "training's evaluation); default the run's eval.image_size.")
 flags.DEFINE_bool('finetune_keep_projector_layer', False, '--evals=finetune fine-tunes from '
                   "the projection head's first layer (SimCLR v2), not from the encoder.")
 
@@ -108,10 +110,13 @@ def format_table(rows: dict) -> str:
 def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
                      bank_size: int = 0, test_size: int = 0, baselines: bool = True,
                      embedding: str = 'pca', seed: int = 0, transfer: str | None = None,
-                     finetune_keep_projector_layer: bool = False) -> dict:
-  """Runs the evaluations; returns {'step', 'rows': {encoder: results}} and writes it to
-  workdir/evaluation/step_<step>.json (and the embedding plot beside it). `transfer`: a
-  dataset name whose rows '<encoder> -> <dataset>' are added (evaluation/transfer.py)."""
+                     finetune_keep_projector_layer: bool = False,
+                     image_size: int | None = None) -> dict:
+  """Runs the evaluations; returns {'step', 'image_size', 'rows': {encoder: results}} and
+  writes it to workdir/evaluation/step_<step>.json (and the embedding plot beside it), or to
+  step_<step>_<image_size>px.json when `image_size` replaces the run's `eval.image_size` (so
+  that scores at another resolution sit beside the run's own). `transfer`: a dataset name
+  whose rows '<encoder> -> <dataset>' are added (evaluation/transfer.py)."""
   import numpy as np
 
   from ssl_jax import pretrained
@@ -125,6 +130,11 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
   model = pretrained.load(workdir, step)
   config = model.config
   e = config.eval
+  suffix = ''
+  if image_size is not None and image_size != e.image_size:
+    # Every reader of eval.image_size (features, the BatchNorm refresh, diagnostics, transfer)
+    # takes it from this config.
+    e.image_size, suffix = image_size, f'_{image_size}px'
   evaluation_plan = eval_data.plan(config)
   labelled_evals = [name for name in evals if name not in ('diagnostics', 'image_text')]
   if labelled_evals and not evaluation_plan.labelled:
@@ -213,10 +223,10 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
 
   out_dir = os.path.join(workdir, 'evaluation')
   os.makedirs(out_dir, exist_ok=True)
-  result = {'step': model.step, 'num_train': 0 if bank is None else bank.num_examples,
+  result = {'step': model.step, 'image_size': e.image_size, 'num_train': 0 if bank is None else bank.num_examples,
             'num_test': len(embedded[1]) if queries is None else queries.num_examples,
             'rows': rows}
-  with open(os.path.join(out_dir, f'step_{model.step}.json'), 'w') as f:
+  with open(os.path.join(out_dir, f'step_{model.step}{suffix}.json'), 'w') as f:
     json.dump(result, f, indent=2, default=lambda v: np.asarray(v).tolist())
   if embedding != 'none':
     from ssl_jax.evaluation import plots
@@ -224,7 +234,7 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
     shown = min(len(test_labels), 5000)  # enough to see the clusters, fast to draw
     figure = plots.embedding_figure(test_features[:shown], test_labels[:shown],
                                     evaluation_plan.class_names, method=embedding, seed=seed)
-    plots.save_figure(figure, os.path.join(out_dir, f'embedding_step_{model.step}.png'))
+    plots.save_figure(figure, os.path.join(out_dir, f'embedding_step_{model.step}{suffix}.png'))
   return result
 
 
@@ -232,9 +242,11 @@ def main(argv):
   del argv
   result = evaluate_workdir(FLAGS.workdir, FLAGS.evals, FLAGS.step, FLAGS.bank_size,
                             FLAGS.test_size, FLAGS.baselines, FLAGS.embedding, FLAGS.seed,
-                            FLAGS.transfer, FLAGS.finetune_keep_projector_layer)
+                            FLAGS.transfer, FLAGS.finetune_keep_projector_layer,
+                            FLAGS.image_size)
+  size = f', {result["image_size"]}-pixel images' if result['image_size'] else ''
   print(f'Step {result["step"]}: {result["num_train"]} training / {result["num_test"]} test '
-        'examples')
+        f'examples{size}')
   print(format_table(result['rows']), flush=True)
   for name, row in result['rows'].items():
     for message in row.get('collapse_warnings', []):

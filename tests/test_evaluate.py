@@ -17,6 +17,7 @@ from ssl_jax.data import pipeline, sources
 from ssl_jax.evaluation import batch_norm, features, knn
 from ssl_jax.evaluation.history import DiagnosticsHistory
 from ssl_jax.evaluation.monitor import DiagnosticsMonitor
+from ssl_jax.methods import frozen_encoder
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
 
@@ -95,15 +96,16 @@ def test_pretrained_load_names_the_fix_for_a_wrong_workdir(tmp_path):
     pretrained.load(str(tmp_path))
 
 
+def spread(split, n):
+  """What --bank_size and --test_size take: n examples spread evenly over the split."""
+  source = sources.fashion_mnist(split)
+  indices = pipeline.spread_indices(len(source), n)
+  return source.images[indices], source.labels[indices]
+
+
 def test_evaluate_workdir_table_and_json(trained_workdir):
   workdir = trained_workdir[0]
   result = evaluate.evaluate_workdir(workdir, bank_size=2000, test_size=150, seed=0)
-  # --bank_size and --test_size take examples spread evenly over each split.
-  def spread(split, n):
-    source = sources.fashion_mnist(split)
-    indices = pipeline.spread_indices(len(source), n)
-    return source.images[indices], source.labels[indices]
-
   counts = np.bincount(spread('train', 2000)[1])
   rows = result['rows']
   assert list(rows) == ['trained encoder', 'random-init encoder', 'raw pixels']
@@ -133,15 +135,41 @@ def test_evaluate_workdir_table_and_json(trained_workdir):
   assert 'kNN' in table and '10% labels' in table and 'raw pixels' in table
 
 
+def test_evaluate_at_another_image_size(trained_workdir):
+  """--image_size reaches every reader of eval.image_size: the features of both encoders
+  and the random-init encoder's BatchNorm refresh (a refresh at the run's 12 pixels would
+  give other statistics); the result lands beside the run's own, named by the size."""
+  workdir = trained_workdir[0]
+  result = evaluate.evaluate_workdir(workdir, evals=['knn'], bank_size=500, test_size=100,
+                                     embedding='none', image_size=20)
+  assert result['image_size'] == 20
+  with open(os.path.join(workdir, 'evaluation', 'step_4_20px.json')) as f:
+    assert json.load(f)['rows'] == result['rows']
+  model = pretrained.load(workdir)
+  config = model.config
+  config.eval.image_size = 20
+  (x_bank, y_bank), (x_test, y_test) = spread('train', 500), spread('test', 100)
+  for name, state, refresh in (('trained encoder', model.state, False),
+                               ('random-init encoder', model.initial_state(), True)):
+    encode = (batch_norm.refreshed_frozen_encoder(config, model.method, state) if refresh
+              else frozen_encoder(model.method, state))
+    extract = lambda x: features.extract_features(encode, x, config.eval.batch_size, 20)
+    assert result['rows'][name]['knn_top1'] == knn.knn_accuracy(
+        extract(x_bank), y_bank, extract(x_test), y_test, k=config.eval.knn_k,
+        temperature=config.eval.knn_temperature, num_classes=10), name
+
+
 def test_evaluate_cli(trained_workdir):
   workdir = trained_workdir[0]
   env = dict(os.environ, XLA_FLAGS='')
   out = subprocess.run(
       [sys.executable, '-m', 'ssl_jax.evaluate', f'--workdir={workdir}', '--evals=knn',
-       '--step=2', '--bank_size=300', '--test_size=100', '--nobaselines', '--embedding=none'],
+       '--step=2', '--bank_size=300', '--test_size=100', '--nobaselines', '--embedding=none',
+       '--image_size=16'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert 'Step 2:' in out.stdout and 'trained encoder' in out.stdout
+  assert 'Step 2: 300 training / 100 test examples, 16-pixel images' in out.stdout
+  assert 'trained encoder' in out.stdout
   assert 'raw pixels' not in out.stdout
   bad = subprocess.run(
       [sys.executable, '-m', 'ssl_jax.evaluate', f'--workdir={workdir}', '--evals=knn,lnear'],
