@@ -136,27 +136,33 @@ def test_evaluate_workdir_table_and_json(trained_workdir):
 
 
 def test_evaluate_at_another_image_size(trained_workdir):
-  """--image_size reaches every reader of eval.image_size: the features of both encoders
-  and the random-init encoder's BatchNorm refresh (a refresh at the run's 12 pixels would
-  give other statistics); the result lands beside the run's own, named by the size."""
+  """--image_size reaches every reader of eval.image_size: the features of both encoders,
+  the random-init encoder's BatchNorm refresh and the diagnostics images; the result lands
+  beside the run's own, named by the size. kNN on 100 queries is too coarse to notice a
+  refresh at the run's 12 pixels; the diagnostics (continuous) are not."""
   workdir = trained_workdir[0]
-  result = evaluate.evaluate_workdir(workdir, evals=['knn'], bank_size=500, test_size=100,
-                                     embedding='none', image_size=20)
+  result = evaluate.evaluate_workdir(workdir, evals=['knn', 'diagnostics'], bank_size=500,
+                                     test_size=100, embedding='none', image_size=20)
   assert result['image_size'] == 20
   with open(os.path.join(workdir, 'evaluation', 'step_4_20px.json')) as f:
     assert json.load(f)['rows'] == result['rows']
   model = pretrained.load(workdir)
   config = model.config
   config.eval.image_size = 20
+  monitor = DiagnosticsMonitor.from_config(config)
   (x_bank, y_bank), (x_test, y_test) = spread('train', 500), spread('test', 100)
   for name, state, refresh in (('trained encoder', model.state, False),
                                ('random-init encoder', model.initial_state(), True)):
     encode = (batch_norm.refreshed_frozen_encoder(config, model.method, state) if refresh
               else frozen_encoder(model.method, state))
     extract = lambda x: features.extract_features(encode, x, config.eval.batch_size, 20)
-    assert result['rows'][name]['knn_top1'] == knn.knn_accuracy(
+    row = result['rows'][name]
+    assert row['knn_top1'] == knn.knn_accuracy(
         extract(x_bank), y_bank, extract(x_test), y_test, k=config.eval.knn_k,
         temperature=config.eval.knn_temperature, num_classes=10), name
+    measured = monitor.measure(encode)[0]
+    for key in ('effective_rank', 'uniformity', 'alignment'):
+      assert row[key] == pytest.approx(measured[key], rel=1e-6, abs=1e-7), (name, key)
 
 
 def test_evaluate_cli(trained_workdir):
