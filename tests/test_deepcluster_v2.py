@@ -213,6 +213,13 @@ def test_config_errors_name_the_fix():
   for expected in ('method.num_clusters=(3000, 0) must list a positive number of clusters',
                    'method.kmeans_iterations must be at least 1'):
     assert expected in message, message
+  # A workdir written before num_prototypes took its present name: named, not a KeyError.
+  c = _config()
+  c.method.num_prototypes = c.method.num_clusters
+  del c.method['num_clusters']
+  with pytest.raises(config_lib.ConfigError, match='method.num_prototypes here, its former '
+                     'name: rename it'):
+    config_lib.validate(c, 8)
   # More clusters than examples: found when the memory bank is made.
   method = build_method(_config(num_clusters=(100,)),
                         RunLength(total_steps=4, steps_per_epoch=1, num_examples=64))

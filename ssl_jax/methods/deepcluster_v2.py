@@ -95,6 +95,12 @@ class DeepClusterV2(Method):
   @classmethod
   def method_problems(cls, config) -> list[str]:
     m = config.method
+    if 'num_clusters' not in m:
+      # Workdirs of this method written before the field took PCL's name hold the old one.
+      old = (' (method.num_prototypes here, its former name: rename it, in the config.json '
+             'of an older workdir too)') if 'num_prototypes' in m else ''
+      return [f'method.num_clusters is missing: one number of k-means clusters per head, '
+              f'e.g. (3000, 3000, 3000){old}.']
     problems = []
     k = m.num_clusters
     heads = list(k) if isinstance(k, (list, tuple)) else [k]
