@@ -166,6 +166,7 @@ def test_bank_fill_then_adversarial_steps_on_eight_devices():
   assert np.abs(old['velocity']).max() > 1e-3
 
 
+@pytest.mark.slow  # the default checks 8 devices' adversarial steps against the closed form
 def test_devices_agree_with_adversarial_update():
   # A full bank from the start, so the step runs the bank's gradient ascent (the fill phase
   # is compared across devices in the test above).

@@ -141,7 +141,9 @@ def _largest_excess(actual, expected, tolerance) -> tuple[float, str]:
   return worst, where
 
 
-@pytest.mark.parametrize('encoder', ['convnet', 'resnet', 'vit'])
+# The ResNet (residual blocks of the same conv-BN pieces as the ConvNet's) under `slow`.
+@pytest.mark.parametrize('encoder', ['convnet', pytest.param('resnet', marks=pytest.mark.slow),
+                                     'vit'])
 def test_gradients_equal_without_remat(encoder, simclr_views):
   """Catches remat changing what a block computes: the `train` flag traced instead of static
   (an error) or lost (BatchNorm in inference mode in the recomputation), the drop-path key
