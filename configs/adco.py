@@ -16,7 +16,7 @@ top-1 without it at 200 epochs, single crop), SGD lr 0.03 x B/256 with momentum 
 weight decay 1e-4, cosine decay, batch 256, 200 epochs, a 2048-wide projector to 128.
 
 The default is the CPU recipe for Fashion-MNIST of configs/simclr.py (ConvNet, 16-pixel
-crops, evaluation at 20 pixels, LARS with linear scaling, 16 epochs), with a bank of 4096
+crops, evaluation at 28 pixels, LARS with linear scaling, 16 epochs), with a bank of 4096
 (16 batches; the paper's 8192 and 16384 were within 0.4 points of 65536) and key-encoder
 momentum 0.99, which suits a run of a few thousand steps as 0.999 suits MoCo's 1M.
 """

@@ -27,7 +27,7 @@ eq. 1 itself. The one remaining deviation: the cosine decays to 0 rather than to
 the peak.
 
 The default is the CPU recipe for Fashion-MNIST, modelled on configs/simclr.py's ConvNet
-branch (16-pixel crops, evaluation at 20 pixels, widths 16-32-64, 16 epochs, LARS with
+branch (16-pixel crops, evaluation at 28 pixels, widths 16-32-64, 16 epochs, LARS with
 linear scaling) with a 512-512-512 projector, lambda = 0.002 for that smaller D and
 solo-learn's CIFAR optimizer values (measured, see below); README has the measurements.
 """

@@ -15,7 +15,7 @@ augmentation of Table 6: blur always on view 1 and with p = 0.1 on view 2, solar
 on view 2 (p = 0.2), colour jitter (0.4, 0.4, 0.2, 0.1).
 
 The default is the CPU recipe for Fashion-MNIST, on the ConvNet and crops of configs/simclr.py
-(16-pixel crops, evaluated at 20 pixels); see the values set below for what was changed and
+(16-pixel crops, evaluated at 28 pixels); see the values set below for what was changed and
 why.
 """
 

@@ -40,7 +40,7 @@ recipe's, and it trains in float16 autocast (here: --config.model.dtype=bfloat16
 vit_tiny, vit_base and vit_large take the same values (not the paper's per-size tuning).
 
 The default is the CPU recipe for Fashion-MNIST, on the ConvNet and crops of configs/simclr.py
-(16-pixel global crops of scale (0.14, 1), evaluated at 20 pixels) without local crops, as
+(16-pixel global crops of scale (0.14, 1), evaluated at 28 pixels) without local crops, as
 solo-learn's CIFAR DINO (the ConvNet's 7-pixel local crops drove the head to uniform outputs);
 smaller heads (512 wide, 128 bottleneck, 4096 outputs), the teacher temperature 0.04 from the
 start (main_dino.py's default), teacher momentum 0.99 and the last layer frozen for 1 % of

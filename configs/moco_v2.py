@@ -17,7 +17,7 @@ batch by default instead of shuffled per GPU (`ssl_jax/methods/moco_v2.py` says 
 `method.shuffle_bn_group_size=32` gives a shuffled BN with the paper's 32-image groups).
 
 The default is the CPU recipe for Fashion-MNIST, modelled on configs/simclr.py's (a small
-ConvNet on 16-pixel crops, evaluated at 20 pixels, LARS with linear scaling, 16 epochs),
+ConvNet on 16-pixel crops, evaluated at 28 pixels, LARS with linear scaling, 16 epochs),
 adjusted for MoCo (not measured on its own: the README's numbers are SimCLR's): a 4096-key
 queue (16 batches), m = 0.99 (a run of ~3,700 steps is too short for 0.999, whose key
 encoder would lag ~1,000 steps), and SimCLR's stronger colour jitter (weakening SimCLR's

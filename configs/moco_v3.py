@@ -38,7 +38,7 @@ decays every parameter, biases and LayerNorm included, ours only the weights
 (optim.decay_mask); it trains in float16 autocast (here: --config.model.dtype=bfloat16).
 
 The default is the CPU recipe for Fashion-MNIST, modelled on configs/simclr.py's (a small
-ConvNet on 16-pixel crops, evaluated at 20 pixels, LARS with linear scaling, 16 epochs),
+ConvNet on 16-pixel crops, evaluated at 28 pixels, LARS with linear scaling, 16 epochs),
 with heads narrowed to 512 hidden / 128 out and the temperature lowered to 0.2 (the ViT
 recipe's value; SimCLR measured best at 0.1 on this data, README). Not measured on its own.
 A ViT on Fashion-MNIST gets the same heads and temperature with common.py's ViT CPU recipe,

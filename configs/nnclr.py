@@ -14,7 +14,7 @@ support set of 98304 projections, temperature 0.1; projector 3-layer MLP (2048 h
 solarisation p = 0 / 0.2, colour jitter (0.4, 0.4, 0.2, 0.1), crops of scale (0.08, 1)).
 
 The default is the CPU recipe for Fashion-MNIST, modelled on configs/simclr.py's (a small
-ConvNet on 16-pixel crops, evaluated at 20 pixels, LARS with linear scaling, 16 epochs),
+ConvNet on 16-pixel crops, evaluated at 28 pixels, LARS with linear scaling, 16 epochs),
 with 512-wide heads, a support set of 4096 (16 batches, like configs/moco_v2.py's queue) and
 temperature 0.2 (solo-learn's CIFAR value); its 4-epoch row is in the README's method table.
 """

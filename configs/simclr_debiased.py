@@ -8,7 +8,7 @@ same-class images among them, with class prior tau_plus = 0.1 (the papers' value
 Fashion-MNIST's exact prior: 10 balanced classes).
 
 The default is configs/simclr.py's CPU recipe for Fashion-MNIST (ConvNet, 16-pixel crops,
-evaluation at 20 pixels, LARS, 16 epochs) with the debiased estimator. With a ResNet backbone
+evaluation at 28 pixels, LARS, 16 epochs) with the debiased estimator. With a ResNet backbone
 the paper's recipe applies (their STL10/CIFAR10 SimCLR, github.com/chingyaoc/DCL): Adam,
 lr 1e-3 unscaled, weight decay 1e-6, temperature 0.5, batch 256, 400 epochs, a 512-wide
 projector to 128 dimensions. Here the learning rate follows the trainer's cosine decay (the

@@ -9,7 +9,7 @@ weighted by the negative von Mises-Fisher weights with sigma = 0.5, the paper's 
 NT-Xent with the positive pair removed from the denominator (`ssl_jax/losses/decoupled.py`).
 
 The default is configs/simclr.py's CPU recipe for Fashion-MNIST (ConvNet, 16-pixel crops,
-evaluation at 20 pixels, LARS, temperature 0.1, 16 epochs) with the decoupled loss. With a
+evaluation at 28 pixels, LARS, temperature 0.1, 16 epochs) with the decoupled loss. With a
 ResNet backbone the paper's ImageNet recipe applies, which is SimCLR's at a small batch:
 batch 256, 200 epochs, LARS with weight decay 1e-6 and 10 warm-up epochs, temperature 0.1, a
 2048-wide projector to 128 dimensions, lr 0.075 x sqrt(B) (SimCLR's square-root scaling for

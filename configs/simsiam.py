@@ -16,7 +16,7 @@ lr constant; this trainer decays it with the rest (see ssl_jax/methods/simsiam.p
 `--config.method.stop_gradient=False` is the paper's collapsing ablation (Fig. 2).
 
 The default is the CPU recipe for Fashion-MNIST, on the ConvNet and crops of configs/simclr.py
-(16-pixel crops, evaluated at 20 pixels); see the values set below for what was changed and
+(16-pixel crops, evaluated at 28 pixels); see the values set below for what was changed and
 why.
 """
 

@@ -19,7 +19,7 @@ this repo's optimizer does not have: its warm-up starts at lr 0.3 and its cosine
 lr 0.0048 rather than 0.
 
 The default is the CPU recipe for Fashion-MNIST, on the ConvNet and crops of configs/simclr.py
-(16-pixel global crops, evaluated at 20 pixels) without local crops (a ViT on 28-pixel images
+(16-pixel global crops, evaluated at 28 pixels) without local crops (a ViT on 28-pixel images
 keeps them); see the values set below for what was changed and why.
 """
 

@@ -15,7 +15,7 @@ of every other image its candidates). When an anchor has no semi-hard negative t
 negative is used, as TF-Addons' triplet_semihard_loss does (method.fallback).
 FaceNet trains supervised face embeddings with AdaGrad, so there is no published
 self-supervised recipe: the optimisation is configs/simclr.py's (LARS, linear scaling), its
-CPU recipe by default (ConvNet, 16-pixel crops, evaluation at 20 pixels, 16 epochs) and its
+CPU recipe by default (ConvNet, 16-pixel crops, evaluation at 28 pixels, 16 epochs) and its
 ImageNet recipe with a ResNet backbone.
 """
 

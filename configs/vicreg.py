@@ -19,7 +19,7 @@ schedule decays to 0 rather than to 1/1000 of the peak (the trainer's schedule i
 all methods).
 
 The default is the CPU recipe for Fashion-MNIST, modelled on configs/simclr.py's ConvNet
-branch (16-pixel crops, evaluation at 20 pixels, widths 16-32-64, 16 epochs, LARS with
+branch (16-pixel crops, evaluation at 28 pixels, widths 16-32-64, 16 epochs, LARS with
 linear scaling) with a 512-512-512 expander; README has the measurements behind it.
 """
 
