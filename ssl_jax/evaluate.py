@@ -22,6 +22,9 @@ extracted once per encoder:
 --transfer=<dataset> (e.g. tfds:mnist, folder:/path with train/ and test/ class folders) adds
 rows '<encoder> -> <dataset>': the kNN and linear probe of each frozen encoder fitted on that
 dataset's training split and scored on its test split (evaluation/transfer.py).
+
+--image_size=N scores every encoder on N-pixel images instead of the run's eval.image_size,
+the random-init encoder's BatchNorm refresh included; its JSON is step_<step>_<N>px.json.
 """
 
 from __future__ import annotations
