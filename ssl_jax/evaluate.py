@@ -226,7 +226,8 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
 
   out_dir = os.path.join(workdir, 'evaluation')
   os.makedirs(out_dir, exist_ok=True)
-  result = {'step': model.step, 'image_size': e.image_size, 'num_train': 0 if bank is None else bank.num_examples,
+  result = {'step': model.step, 'image_size': e.image_size,
+            'num_train': 0 if bank is None else bank.num_examples,
             'num_test': len(embedded[1]) if queries is None else queries.num_examples,
             'rows': rows}
   with open(os.path.join(out_dir, f'step_{model.step}{suffix}.json'), 'w') as f:
