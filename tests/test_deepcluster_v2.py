@@ -213,7 +213,7 @@ def test_config_errors_name_the_fix():
   for expected in ('method.num_clusters=(3000, 0) must list a positive number of clusters',
                    'method.kmeans_iterations must be at least 1'):
     assert expected in message, message
-  # A workdir written before num_prototypes took its present name: named, not a KeyError.
+  # A workdir written before num_clusters took its present name: named, not an AttributeError.
   c = _config()
   c.method.num_prototypes = c.method.num_clusters
   del c.method['num_clusters']
