@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from ssl_jax import checkpoint, config_lib, experiment, parallel, preemption
 from ssl_jax.data import augment, host_crop, pipeline, sources
@@ -102,6 +101,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
   resumed from, None if it started afresh), `steps_run` (the steps this call trained) and
   `stopped_by` (the signal that stopped it early, or None).
   """
+  # Imported here, not at the top: clu's writers import TensorFlow (seconds), which
+  # `python -m ssl_jax.evaluate` and the other readers of `build` do not need.
+  from clu import metric_writers, periodic_actions
+
   setup, train_source = build(config)
   mesh, method, total_steps = setup.mesh, setup.method, setup.total_steps
   os.makedirs(workdir, exist_ok=True)
