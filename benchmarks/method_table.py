@@ -72,12 +72,13 @@ def rescored(name: str, epochs: float, workdir: str, results: dict) -> dict:
   """`results` with the kNN and diagnostics of the encoder at configs/<name>.py's evaluation
   size of today, where the workdir's own differs (module docstring)."""
   from ssl_jax import config_lib
+  from ssl_jax.evaluation import result_files
   size = importlib.import_module(f'ssl_jax.configs.{name}').get_config(
       f'epochs={epochs:g}').eval.image_size
   trained_size = config_lib.load_json(os.path.join(workdir, 'config.json')).eval.image_size
   if size == trained_size:
     return results
-  path = os.path.join(workdir, 'evaluation', f'step_{results["step"]}_{size}px.json')
+  path = result_files.results_path(workdir, results['step'], size)
   if not os.path.exists(path):
     done = subprocess.run(
         [sys.executable, '-m', 'ssl_jax.evaluate', f'--workdir={workdir}',

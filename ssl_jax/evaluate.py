@@ -123,7 +123,8 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
   import numpy as np
 
   from ssl_jax import pretrained
-  from ssl_jax.evaluation import batch_norm, eval_data, features, finetune, image_text_eval
+  from ssl_jax.evaluation import (batch_norm, eval_data, features, finetune, image_text_eval,
+                                  result_files)
   from ssl_jax.evaluation.monitor import DiagnosticsMonitor
   from ssl_jax.methods import frozen_encoder
 
@@ -133,11 +134,11 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
   model = pretrained.load(workdir, step)
   config = model.config
   e = config.eval
-  suffix = ''
+  other_size = None  # names the output files when the images are not the run's size
   if image_size is not None and image_size != e.image_size:
     # Every reader of eval.image_size (features, the BatchNorm refresh, diagnostics, transfer)
     # takes it from this config.
-    e.image_size, suffix = image_size, f'_{image_size}px'
+    e.image_size = other_size = image_size
   evaluation_plan = eval_data.plan(config)
   labelled_evals = [name for name in evals if name not in ('diagnostics', 'image_text')]
   if labelled_evals and not evaluation_plan.labelled:
@@ -224,13 +225,13 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
   if embedded is None:  # no labelled images: the diagnostics images, uncoloured
     embedded = (monitor.measure(encoders['trained encoder'])[1], monitor.labels)
 
-  out_dir = os.path.join(workdir, 'evaluation')
-  os.makedirs(out_dir, exist_ok=True)
+  out_path = result_files.results_path(workdir, model.step, other_size)
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
   result = {'step': model.step, 'image_size': e.image_size,
             'num_train': 0 if bank is None else bank.num_examples,
             'num_test': len(embedded[1]) if queries is None else queries.num_examples,
             'rows': rows}
-  with open(os.path.join(out_dir, f'step_{model.step}{suffix}.json'), 'w') as f:
+  with open(out_path, 'w') as f:
     json.dump(result, f, indent=2, default=lambda v: np.asarray(v).tolist())
   if embedding != 'none':
     from ssl_jax.evaluation import plots
@@ -238,7 +239,8 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, step: int | None = None,
     shown = min(len(test_labels), 5000)  # enough to see the clusters, fast to draw
     figure = plots.embedding_figure(test_features[:shown], test_labels[:shown],
                                     evaluation_plan.class_names, method=embedding, seed=seed)
-    plots.save_figure(figure, os.path.join(out_dir, f'embedding_step_{model.step}{suffix}.png'))
+    plots.save_figure(figure, result_files.embedding_plot_path(workdir, model.step,
+                                                               other_size))
   return result
 
 
