@@ -59,12 +59,13 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(opt_cfg, schedule: optax.Schedule,
+def make_optimizer(opt_cfg, schedule: optax.ScalarOrSchedule,
                    frozen_steps: Mapping[tuple[str, ...], int | float] | None = None,
                    weight_decay: float | optax.Schedule | None = None,
                    ) -> optax.GradientTransformation:
-  """The configured optimizer over `schedule` (a function of the optimizer step), with
-  `weight_decay` (a rate or a schedule, `weight_decay_schedule`; None: the config's rate).
+  """The configured optimizer over `schedule` (the learning rate: a function of the optimizer
+  step, or a constant), with `weight_decay` (a rate or a schedule, `weight_decay_schedule`;
+  None: the config's rate).
 
   `frozen_steps` maps parameter subtrees, as key paths into the params (e.g.
   `('head', 'last_layer')`), to a number of initial optimizer steps N during which they are
@@ -123,7 +124,9 @@ def _frozen_aware_optimizer(opt_cfg, schedule, frozen_steps, weight_decay):
   for n in sorted(set(frozen.values()) - {FOREVER}):
     # The branch's own step count restarts at 0 when it unfreezes at global step n; its
     # schedules are shifted so that it reads the global learning rate and decay there.
-    shifted = lambda count, n=n: schedule(count + n)  # noqa: E731
+    shifted = schedule
+    if callable(schedule):
+      shifted = lambda count, n=n: schedule(count + n)  # noqa: E731
     decay = weight_decay
     if callable(weight_decay):
       decay = lambda count, n=n: weight_decay(count + n)  # noqa: E731
@@ -189,7 +192,7 @@ def skip_first_steps(inner: optax.GradientTransformation,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _make_optimizer(opt_cfg, schedule: optax.Schedule,
+def _make_optimizer(opt_cfg, schedule: optax.ScalarOrSchedule,
                     weight_decay: float | optax.Schedule) -> optax.GradientTransformation:
   name = opt_cfg.name
   if name == 'lars':

@@ -334,6 +334,18 @@ def test_frozen_subtree_leaves_other_leaves_as_plain_optimizer(name):
         np.testing.assert_array_equal(flat[path], plain[path], err_msg=f'{path} step {k}')
 
 
+def test_a_constant_learning_rate_is_the_constant_schedule_frozen_subtree_included():
+  """Fine-tuning passes a number, not a schedule: catches the frozen branch calling it."""
+  cfg = _opt_cfg(name='adamw')
+  grads_seq = [_grads(40 + k) for k in range(4)]
+  frozen = {('Conv_0', 'kernel'): 2}
+  constant, _ = _run(optim.make_optimizer(cfg, 0.05, frozen), grads_seq)
+  scheduled, _ = _run(optim.make_optimizer(cfg, lambda step: 0.05, frozen), grads_seq)
+  for k in range(5):
+    for path, value in _flat(scheduled[k]).items():
+      np.testing.assert_array_equal(_flat(constant[k])[path], value, err_msg=f'{path} {k}')
+
+
 def test_frozen_steps_zero_or_absent_is_the_plain_optimizer():
   cfg = _opt_cfg(name='adamw')
   params = _toy_params()
