@@ -24,9 +24,9 @@ def parse_arg(arg: str | None, **extra) -> ml_collections.ConfigDict:
   (convnet | resnet18 | resnet34 | resnet50 | vit_micro | vit_tiny | vit_small | vit_base |
   vit_large), batch and epochs (0: the recipe's), dataset (fashion_mnist | tfds:<name> |
   folder:<path>) and crop (training crop side; 0: the recipe's); `extra` adds a config's
-  own, with their defaults."""
-  return config_lib.parse_arg(arg, backbone='convnet', batch=0, epochs=0.0,
-                              dataset='fashion_mnist', crop=0, **extra)
+  own, with their defaults (or replaces one of these defaults)."""
+  defaults = dict(backbone='convnet', batch=0, epochs=0.0, dataset='fashion_mnist', crop=0)
+  return config_lib.parse_arg(arg, **{**defaults, **extra})
 
 
 def method_config(arg, name: str) -> ml_collections.ConfigDict:

@@ -44,17 +44,13 @@ VIT_RECIPE = common.ViTRecipe(base_lr=0.0005, weight_decay=0.04, warmup_epochs=1
                               batch=1024, epochs=800.0)
 
 
-def _given(arg: str | None, name: str) -> bool:
-  return any(item.split('=', 1)[0].strip() == name for item in (arg or '').split(','))
-
-
 def get_config(arg=None):
-  parsed = common.parse_arg(arg)
+  parsed = common.parse_arg(arg, backbone='')  # '': not given
   cpu_dataset = common.IMAGE_SIDE.get(parsed.dataset, 224) <= 28
   # configs/dino.py's config for the same arguments, with iBOT's default backbone (a ViT:
   # vit_micro on 28-pixel datasets, vit_small elsewhere); then what iBOT changes.
   extra = []
-  if not _given(arg, 'backbone'):
+  if not parsed.backbone:
     parsed.backbone = 'vit_micro' if cpu_dataset else 'vit_small'
     extra.append(f'backbone={parsed.backbone}')
   cpu = common.cpu_recipe(parsed)
