@@ -179,11 +179,15 @@ def test_without_batch_norm_equals_the_whole_batch_everywhere(name):
 
 
 # BatchNorm everywhere (ConvNet, BatchNorm heads): one method per way of running the networks.
+# Config overrides per case.
 BATCH_NORM_CASES = {
     'simclr': {},                      # both views in one call
-    'moco_v2': {'shuffle_bn_group_size': 2, 'shuffle_bn_groups': 2},  # shuffled BN groups
+    'moco_v2': {'method.shuffle_bn_group_size': 2,   # shuffled BN groups
+                'method.shuffle_bn_groups': 2},
     'byol': {},                        # a call per view, a target network
-    'dino': {},                        # multi-crop; the teacher's own running statistics
+    # Multi-crop (which the ConvNet CPU recipe leaves out); the teacher's own running
+    # statistics.
+    'dino': {'augment.num_local_crops': 2},
 }
 
 
@@ -198,9 +202,7 @@ def test_with_batch_norm_equals_ghost_batches(name):
   the global rows. And K = 2 differs from K = 1 (BatchNorm's statistics do change), except
   with shuffled BN, whose groups are smaller than a micro-batch."""
   config = mh.shrink(mh.load_config(name), batch_size=BATCH)
-  config.method.update(BATCH_NORM_CASES[name])
-  if name == 'dino':  # multi-crop, which the ConvNet CPU recipe leaves out
-    config.augment.num_local_crops = 2
+  config.update_from_flattened_dict(BATCH_NORM_CASES[name])
   _compare(config, _GhostBatchReference, 4, (2,))
   method, params, batch_stats, target, state = mh.init_method(config)
   views = mh.make_views(config, method, BATCH)
