@@ -44,15 +44,20 @@ def init_bank(num_examples: int, dim: int) -> dict:
 def write_rows(memory: jax.Array, filled: jax.Array, local_rows: jax.Array,
                local_index: jax.Array, axis_name) -> tuple[jax.Array, jax.Array]:
   """(memory, filled) with the global batch's rows (this device's `local_rows` [n, d] and
-  the other devices', gathered) written at their indices (`local_index` int32 [n]).
+  the other devices', gathered) written at their indices (`local_index` int32 [n]). Banks
+  of several views that share the slots are written at once: `memory` [V, N, d] and
+  `local_rows` [V, n, d].
 
   A batch that crosses an epoch boundary may hold an example twice: its later row is
   written (an explicit rule; a scatter of both would leave either). Rows carry no gradient:
   the bank is data."""
   index = parallel.gather_rows_replicated(local_index, axis_name)
-  rows = parallel.gather_rows_replicated(jax.lax.stop_gradient(local_rows), axis_name)
+  # Examples first, as they are gathered.
+  rows = parallel.gather_rows_replicated(
+      jnp.moveaxis(jax.lax.stop_gradient(local_rows), -2, 0), axis_name)
   n = filled.shape[0]
   seen_later = jnp.triu(index[:, None] == index[None, :], k=1).any(axis=1)
   slot = jnp.where(seen_later, n, index)  # out of range: dropped
-  return (memory.at[slot].set(rows.astype(memory.dtype), mode='drop'),
+  at = memory.at[slot] if memory.ndim == 2 else memory.at[:, slot]
+  return (at.set(jnp.moveaxis(rows, 0, -2).astype(memory.dtype), mode='drop'),
           filled.at[slot].set(True, mode='drop'))

@@ -178,8 +178,6 @@ class DeepClusterV2(Method):
 
   def _remember(self, state, z_global, index, axis_name):
     """Writes the global batch's z of each global crop at its examples' slots."""
-    memory, filled = [], state['filled']
-    for v, zc in enumerate(z_global):
-      bank, filled = write_rows(state['memory'][v], state['filled'], zc, index, axis_name)
-      memory.append(bank)
-    return {**state, 'memory': jnp.stack(memory), 'filled': filled}
+    memory, filled = write_rows(state['memory'], state['filled'], jnp.stack(z_global), index,
+                                axis_name)
+    return {**state, 'memory': memory, 'filled': filled}
