@@ -352,3 +352,18 @@ def test_history_size():
   assert linear.history_size(784, 10) == linear.MAX_HISTORY
   assert linear.history_size(2048, 1000) == 16  # 2**26 floats / (2 * 2049 * 1000)
   assert linear.history_size(100_000, 1000) == 10  # never below optax's default
+
+
+def test_standardization_in_blocks_equals_the_whole_array_in_float64(monkeypatch):
+  """Catches a block of rows left unwritten (np.empty's garbage) or computed in float32: 20
+  rows in blocks of 7 leave a partial last block."""
+  monkeypatch.setattr(linear, 'STANDARDIZE_ROWS', 7)
+  x = (np.random.default_rng(0).normal(size=(20, 5)) * [1, 10, 1e3, 1e-3, 0]
+       + [0, 3, -1e4, 1, 2]).astype(np.float32)
+  mean, std = linear.standardization(x)
+  x64 = x.astype(np.float64)
+  np.testing.assert_array_equal(mean, x64.mean(axis=0))
+  np.testing.assert_array_equal(std[:4], x64.std(axis=0)[:4])
+  assert std[4] == 1.0  # a constant column
+  np.testing.assert_array_equal(linear.standardize(x, mean, std),
+                                ((x64 - mean) / std).astype(np.float32))
