@@ -67,7 +67,8 @@ def main(argv):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  with cli.native_info_dropped():  # TensorFlow's C++ start-up lines (clu imports it)
+  with cli.native_info_dropped():  # TensorFlow's C++ start-up lines (clu's writers import it)
+    from clu import metric_writers  # noqa: F401  (train_and_evaluate imports it: here, quiet)
     from ssl_jax import train
   # A ConfigError ends the program with its message alone (cli.run).
   try:

@@ -215,6 +215,7 @@ def trained(tmp_path_factory):
   # AdamW 0.560, + epsilon 0.574, + both 0.586.
   c.method.epsilon = 0.02
   c.method.projector_output_dim = 32
+  c.method.num_prototypes = 100  # as when calibrated; the ConvNet recipe now has 3000
   state, results = mh.train_briefly(c, str(tmp_path_factory.mktemp('swav')), 100)
   method = mh.init_method(c)[0]
   return state, results, mh.encoder_spread(c, method, state)
