@@ -3,7 +3,10 @@
   python benchmarks/cpu_ops.py [--batch=512] [--repeats=20]
 
 For each stage of the default ConvNet (16-pixel crops, widths 16-32-64; the batch is the two
-views of 256 images), times in milliseconds, one device, float32, channels-last in both:
+views of 256 images), times in milliseconds, one device, float32, channels-last in both. The
+JAX rows are compiled twice: with the options the trainer compiles a ConvNet's step with
+(`ssl_jax.compiler_options`: YNNPACK for dots only), and with XLA's defaults ("jax, XLA
+defaults": YNNPACK also for reductions), which is what the trainer used before:
 
 - conv fwd / dx / dw: a 3x3 'SAME' convolution, its input gradient and its weight gradient
   (JAX: each jitted alone; PyTorch: forward alone, then forward + backward, which includes dx
@@ -46,7 +49,7 @@ def _ms(fn, repeats: int) -> float:
   return (time.perf_counter() - start) / repeats * 1e3
 
 
-def jax_row(batch: int, side: int, channels: int, repeats: int) -> dict:
+def jax_row(batch: int, side: int, channels: int, repeats: int, options: dict | None) -> dict:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -66,16 +69,18 @@ def jax_row(batch: int, side: int, channels: int, repeats: int) -> dict:
     var = (x * x).mean((0, 1, 2)) - mean * mean
     return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5))
 
+  jit = lambda f: jax.jit(f, compiler_options=options)
+
   def forward_backward(f):
     """The input gradient of `f` at x, its forward pass included (as PyTorch's column)."""
     cotangent = jnp.ones(jax.eval_shape(f, x).shape, jnp.float32)
-    return jax.jit(lambda x: jax.vjp(f, x)[1](cotangent)[0])
+    return jit(lambda x: jax.vjp(f, x)[1](cotangent)[0])
 
   timed = lambda f, *args: _ms(lambda: jax.block_until_ready(f(*args)), repeats)
   return {
-      'conv fwd': timed(jax.jit(conv), x, w),
-      'conv dx': timed(jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[0]), x, w, y),
-      'conv dw': timed(jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]), x, w, y),
+      'conv fwd': timed(jit(conv), x, w),
+      'conv dx': timed(jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[0]), x, w, y),
+      'conv dw': timed(jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]), x, w, y),
       'bn+relu': timed(forward_backward(bn_relu), x),
       'pool (reduce_window)': timed(
           forward_backward(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))), x),
@@ -119,19 +124,25 @@ def main(argv):
   columns = ('conv fwd', 'conv dx', 'conv dw', 'bn+relu', 'pool (reduce_window)',
              'pool (reshape)')
   print(f'ms per call, batch {FLAGS.batch}, float32, channels-last')
-  print(f'{"stage":<16}' + ''.join(f'{c:>22}' for c in columns))
+  print(f'{"stage":<28}' + ''.join(f'{c:>22}' for c in columns))
+  import ml_collections
+
+  from ssl_jax import compiler_options
+  trainer_options = compiler_options.for_train_step(ml_collections.ConfigDict({'name': 'convnet'}))
   torch_rows = []
   for side, channels in STAGES:
-    row = jax_row(FLAGS.batch, side, channels, FLAGS.repeats)
-    print(f'{f"jax {side}x{side}x{channels}":<16}' + ''.join(f'{row[c]:>22.1f}' for c in columns))
+    for name, options in (('jax', trainer_options), ('jax, XLA defaults', None)):
+      row = jax_row(FLAGS.batch, side, channels, FLAGS.repeats, options)
+      print(f'{f"{name} {side}x{side}x{channels}":<28}' +
+            ''.join(f'{row[c]:>22.1f}' for c in columns))
     torch_rows.append((side, channels, torch_row(FLAGS.batch, side, channels, FLAGS.repeats)))
   if torch_rows[0][2] is None:
     print('PyTorch is not installed (pip install torch==2.13.0): JAX figures only.')
     return
   torch_columns = ('conv fwd', 'conv fwd+dx+dw', 'bn+relu', 'pool')
-  print(f'{"stage":<16}' + ''.join(f'{c:>22}' for c in torch_columns))
+  print(f'{"stage":<28}' + ''.join(f'{c:>22}' for c in torch_columns))
   for side, channels, row in torch_rows:
-    print(f'{f"torch {side}x{side}x{channels}":<16}' +
+    print(f'{f"torch {side}x{side}x{channels}":<28}' +
           ''.join(f'{row[c]:>22.1f}' for c in torch_columns))
 
 

@@ -23,7 +23,8 @@ on one device (a one-device mesh: the real CPU, no simulated devices), with conf
 = K (ssl_jax/microbatch.py: the exact gradient of the whole batch's loss, the networks run K
 micro-batches at a time, for one more forward pass). It is lowered on abstract inputs (the
 dataset's stored uint8 images, cropped on the device as for Fashion-MNIST and CIFAR) and
-compiled with `models.remat.compiler_options` (none here: remat is off). For each batch:
+compiled with the trainer's options (`ssl_jax.compiler_options.for_train_step`; remat is off
+here). For each batch:
 
 1. K = 1 is compiled; if its peak exceeds --budget_gib, the next K of --ks that divides the
    batch is compiled, and so on until one fits (compilation only: nothing is allocated);
@@ -169,8 +170,7 @@ def compile_row(model: str, batch: int, k: int, mesh):
   """(Row with XLA's memory analysis, (built, compiled step, image shape))."""
   import jax
   import numpy as np
-  from ssl_jax import experiment, parallel
-  from ssl_jax.models import remat
+  from ssl_jax import compiler_options, experiment, parallel
 
   config, shape = make_config(model, batch, k, FLAGS.resnet_width)
   start = time.perf_counter()
@@ -180,7 +180,7 @@ def compile_row(model: str, batch: int, k: int, mesh):
   images = jax.ShapeDtypeStruct((batch, *shape), np.uint8,
                                 sharding=parallel.batch_sharded(mesh))
   compiled = built.make_train_step().lower(state, images).compile(
-      compiler_options=remat.compiler_options(config.model))
+      compiler_options=compiler_options.for_train_step(config.model))
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   row = Row(model, batch, k, args=memory.argument_size_in_bytes,

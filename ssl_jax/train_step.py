@@ -18,9 +18,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import microbatch, parallel, sharding
+from ssl_jax import compiler_options, microbatch, parallel, sharding
 from ssl_jax.data import augment
-from ssl_jax.models import remat
 
 
 def _batch_rows(images) -> int:
@@ -128,7 +127,7 @@ def make_train_step(method, tx: optax.GradientTransformation, mesh, augment_cfg,
   compiled = jax.jit(train_step, donate_argnums=0,
                      in_shardings=(state_sharding, sharded, sharded, sharded),
                      out_shardings=(state_sharding, replicated),
-                     compiler_options=remat.compiler_options(method.config.model))
+                     compiler_options=compiler_options.for_train_step(method.config.model))
 
   def with_labels(images, labels):
     if labels is None:  # without a probe the labels are not read

@@ -1,0 +1,43 @@
+"""XLA options for compiling a train step: which ones depends on the backend and the model.
+
+On the CPU, XLA (jaxlib 0.10) hands dots and reductions to YNNPACK by default. Train steps
+of BatchNorm networks (the ConvNet, the ResNets) run faster with YNNPACK for dots only: their
+convolutions' input and weight gradients (and the forward pass of the ConvNet's smaller
+stages) take about half the time, more than BatchNorm loses by reducing in XLA's own loops.
+ViT steps run slower with it (LayerNorm and softmax reduce rows, which YNNPACK does well), so
+they keep XLA's defaults. README ("Speed against PyTorch") and benchmarks/cpu_ops.py have
+the measurements. Accelerator backends get no option of this kind.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import models
+from ssl_jax.models import remat
+
+YNNPACK_DOTS_ONLY = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+
+
+@functools.cache
+def _accepted(option: str, value: str) -> bool:
+  """Whether this jaxlib's compiler knows `option`=`value`: it rejects unknown ones at compile
+  time, and a future jaxlib may rename these experimental options; without them the step
+  compiles as XLA's defaults have it, only slower."""
+  try:
+    jax.jit(jnp.sin, compiler_options={option: value}).lower(jnp.zeros(())).compile()
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def for_train_step(model_cfg) -> dict | None:
+  """Compiler options for a train step of an encoder configured by `model_cfg` (`config.model`)
+  on the default backend; None for XLA's defaults."""
+  options = dict(remat.compiler_options(model_cfg) or {})
+  if jax.default_backend() == 'cpu' and not models.is_vit(model_cfg.name):
+    options.update({k: v for k, v in YNNPACK_DOTS_ONLY.items() if _accepted(k, v)})
+  return options or None
