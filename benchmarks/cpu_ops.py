@@ -121,14 +121,14 @@ def torch_row(batch: int, side: int, channels: int, repeats: int) -> dict | None
 
 def main(argv):
   del argv
-  columns = ('conv fwd', 'conv dx', 'conv dw', 'bn+relu', 'pool (reduce_window)',
-             'pool (reshape)')
-  print(f'ms per call, batch {FLAGS.batch}, float32, channels-last')
-  print(f'{"stage":<28}' + ''.join(f'{c:>22}' for c in columns))
   import ml_collections
 
   from ssl_jax import compiler_options
   trainer_options = compiler_options.for_train_step(ml_collections.ConfigDict({'name': 'convnet'}))
+  columns = ('conv fwd', 'conv dx', 'conv dw', 'bn+relu', 'pool (reduce_window)',
+             'pool (reshape)')
+  print(f'ms per call, batch {FLAGS.batch}, float32, channels-last')
+  print(f'{"stage":<28}' + ''.join(f'{c:>22}' for c in columns))
   torch_rows = []
   for side, channels in STAGES:
     for name, options in (('jax', trainer_options), ('jax, XLA defaults', None)):

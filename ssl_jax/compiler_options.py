@@ -1,9 +1,10 @@
 """XLA options for compiling a train step: which ones depends on the backend and the model.
 
 On the CPU, XLA (jaxlib 0.10) hands dots and reductions to YNNPACK by default. Train steps
-of BatchNorm networks (the ConvNet, the ResNets) run faster with YNNPACK for dots only: their
-convolutions' input and weight gradients (and the forward pass of the ConvNet's smaller
-stages) take about half the time, more than BatchNorm loses by reducing in XLA's own loops.
+of BatchNorm networks (the ConvNet, the ResNets) run faster with YNNPACK for dots only: the
+convolutions of the ConvNet's smaller stages take about half the time, forward and backward,
+and its first stage's weight gradient a third less, more than that stage's forward pass and
+input gradient and BatchNorm (reducing in XLA's own loops) lose.
 ViT steps run slower with it (LayerNorm and softmax reduce rows, which YNNPACK does well), so
 they keep XLA's defaults. README ("Speed against PyTorch") and benchmarks/cpu_ops.py have
 the measurements. Accelerator backends get no option of this kind.

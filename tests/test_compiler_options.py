@@ -6,7 +6,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from ssl_jax import compiler_options, experiment
 from ssl_jax.models import remat
@@ -45,18 +44,19 @@ def _ynnpack_fusions_with_reductions(hlo_text: str) -> list[str]:
 
 
 def test_the_convnet_train_step_compiles_without_ynnpack_reductions(tiny_config):
+  # First, that the check can see such fusions: under XLA's defaults a dense layer's
+  # BatchNorm reduces in YNNPACK. A jaxlib that stops doing so fails here, and then
+  # compiler_options.py has nothing left to turn off.
+  def dense_batch_norm(w, x):
+    y = x @ w
+    return jnp.sum(((y - y.mean(0)) / y.std(0)) ** 2)
+  x, w = jnp.ones((256, 16)), jnp.ones((16, 16))
+  default = jax.jit(jax.grad(dense_batch_norm)).lower(w, x).compile().as_text()
+  assert _ynnpack_fusions_with_reductions(default), 'XLA no longer reduces in YNNPACK'
+
   built = experiment.build(tiny_config, num_train_examples=1000, image_channels=1)
   state = jax.eval_shape(built.init_fn, jax.random.PRNGKey(0))
   images = jax.ShapeDtypeStruct((tiny_config.batch_size, 28, 28, 1), np.uint8)
   hlo = built.make_train_step().lower(state, images).compile().as_text()
   assert 'ynn_fusion' in hlo  # the dots still go to YNNPACK
   assert not _ynnpack_fusions_with_reductions(hlo)
-  # Under XLA's defaults a dense layer's BatchNorm reduces in YNNPACK, so the check above can
-  # see such fusions.
-  def dense_batch_norm(w, x):
-    y = x @ w
-    return jnp.sum(((y - y.mean(0)) / y.std(0)) ** 2)
-  x, w = jnp.ones((256, 16)), jnp.ones((16, 16))
-  default = jax.jit(jax.grad(dense_batch_norm)).lower(w, x).compile().as_text()
-  if not _ynnpack_fusions_with_reductions(default):
-    pytest.skip('this jaxlib does not hand reductions to YNNPACK by default')
