@@ -7,7 +7,9 @@ and its first stage's weight gradient a third less, more than that stage's forwa
 input gradient and BatchNorm (reducing in XLA's own loops) lose.
 ViT steps run slower with it (LayerNorm and softmax reduce rows, which YNNPACK does well), so
 they keep XLA's defaults. README ("Speed against PyTorch") and benchmarks/cpu_ops.py have
-the measurements. Accelerator backends get no option of this kind.
+the measurements. Accelerator backends get no option of this kind. Evaluation's feature
+extraction takes the same YNNPACK option (`for_encoder`): the ConvNet's forward pass on the
+evaluation images is faster with it too.
 """
 
 from __future__ import annotations
@@ -35,10 +37,17 @@ def _accepted(option: str, value: str) -> bool:
     return False
 
 
+def for_encoder(model_cfg) -> dict:
+  """Compiler options for running an encoder configured by `model_cfg` (`config.model`) on the
+  default backend, forward only (feature extraction); {} for XLA's defaults."""
+  if jax.default_backend() == 'cpu' and not models.is_vit(model_cfg.name):
+    return {k: v for k, v in YNNPACK_DOTS_ONLY.items() if _accepted(k, v)}
+  return {}
+
+
 def for_train_step(model_cfg) -> dict | None:
   """Compiler options for a train step of an encoder configured by `model_cfg` (`config.model`)
   on the default backend; None for XLA's defaults."""
   options = dict(remat.compiler_options(model_cfg) or {})
-  if jax.default_backend() == 'cpu' and not models.is_vit(model_cfg.name):
-    options.update({k: v for k, v in YNNPACK_DOTS_ONLY.items() if _accepted(k, v)})
+  options.update(for_encoder(model_cfg))
   return options or None

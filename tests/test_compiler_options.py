@@ -28,6 +28,16 @@ def test_batchnorm_networks_get_ynnpack_dots_only_and_vits_the_defaults():
       remat.CPU_COMPILER_OPTIONS)
 
 
+def test_evaluation_encoders_compile_with_the_models_options(tiny_config):
+  # Feature extraction (FrozenEncoder.of_method) takes the YNNPACK option, not remat's.
+  from ssl_jax.evaluation import features
+  from ssl_jax.methods import build_method
+  tiny_config.model.remat = True
+  encoder = features.FrozenEncoder.of_method(build_method(tiny_config), None)
+  assert dict(encoder.compiler_options) == compiler_options.YNNPACK_DOTS_ONLY
+  assert compiler_options.for_encoder(_model('vit_micro')) == {}
+
+
 def test_an_option_this_jaxlib_does_not_know_is_left_out(monkeypatch):
   # A jaxlib that renames the experimental option must still train, with XLA's defaults.
   monkeypatch.setattr(compiler_options, 'YNNPACK_DOTS_ONLY',

@@ -1,6 +1,7 @@
 """Weighted kNN against scikit-learn's brute-force cosine neighbours with the same vote, on one
 device and with the memory bank sharded over eight."""
 
+import jax
 import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
@@ -108,3 +109,46 @@ def test_small_temperature_does_not_overflow():
   for mesh in (None, parallel.make_mesh(8)):
     np.testing.assert_array_equal(
         knn.knn_predict(bank, labels, test, k=5, temperature=0.005, mesh=mesh), [0, 1])
+
+
+def test_evaluations_of_later_states_reuse_the_compiled_extraction(tiny_config):
+  """The monitor scores a new FrozenEncoder of the same method at every periodic evaluation
+  (the state has moved): extracting its features, sharded or on one device, must reuse the
+  first evaluation's executable (a new jit per evaluation traced and compiled again, seconds
+  each time), and still give the new state's features."""
+  from ssl_jax import experiment
+  from ssl_jax.data.sources import ArraySource
+  from ssl_jax.evaluation import eval_data
+  from ssl_jax.methods import frozen_encoder
+
+  built = experiment.build(tiny_config, num_train_examples=64, image_channels=1)
+  state = built.init_state()
+  later = state.replace(params=jax.tree.map(lambda x: x * 1.5, state.params))
+  images = np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), np.uint8)
+  eval_set = eval_data.EvalSet(ArraySource(images, np.zeros(40, np.int32)), np.arange(40),
+                               transform=None)
+  mesh = parallel.make_mesh()
+
+  traces = []
+  listener = lambda event, duration, **kwargs: traces.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    extracted = []
+    for s in (state, later):
+      encoder = frozen_encoder(built.method, s)
+      before = traces.count(TRACE_EVENT)
+      local = features.extract_features(encoder, images, batch_size=16, image_size=12)
+      sharded, _ = eval_data.stream_features(encoder, eval_set, 16, 12, mesh)
+      extracted.append((traces.count(TRACE_EVENT) - before, local, sharded, encoder))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+  (first_traces, *_), (later_traces, local, sharded, encoder) = extracted
+  assert first_traces >= 2 and later_traces == 0, (first_traces, later_traces)
+  expected = np.asarray(encoder(features.preprocess(images, 12)))
+  np.testing.assert_allclose(local, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(extracted[0][1], local, atol=1e-3)  # the later state's features
+
+
+TRACE_EVENT = '/jax/core/compile/jaxpr_trace_duration'

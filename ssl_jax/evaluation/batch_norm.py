@@ -168,5 +168,4 @@ def refreshed_frozen_encoder(config, method, state, images_uint8: np.ndarray | N
       images_uint8 = eval_data.population_batches(
           _refresh_set(config), config.eval.batch_size, refresh_batches(config))
     batch_stats = refreshed_encoder_batch_stats(config, params, batch_stats, images_uint8)
-  return features.FrozenEncoder(lambda v, images: method.encode(*v, images),
-                                (params, batch_stats))
+  return features.FrozenEncoder.of_method(method, (params, batch_stats))

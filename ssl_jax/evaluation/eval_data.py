@@ -203,17 +203,16 @@ def stream_features(encode_fn: Callable, eval_set: EvalSet, batch_size: int,
   if raw_pixels:
     encode = lambda x: features.raw_pixel_features(np.asarray(x))
   else:
-    apply, variables = features.encoder_parts(encode_fn, mesh if distributed else None)
+    apply, variables, options = features.encoder_parts(encode_fn,
+                                                       mesh if distributed else None)
   if not raw_pixels and not distributed:
-    local_encode = jax.jit(lambda v, x: apply(v, features.preprocess(x, image_size)))
+    local_encode = features.jitted_encoder(apply, image_size, options)
     encode = lambda x: local_encode(variables, x)
   elif distributed:
     # Labels and the padding mask come back replicated with the features: each host read
     # only its rows of them.
-    sharded_encode = jax.jit(
-        lambda v, x, labels, valid: (apply(v, features.preprocess(x, image_size)), labels,
-                                     valid),
-        out_shardings=parallel.replicated(mesh))
+    sharded_encode = features.jitted_encoder(apply, image_size, options,
+                                             out_shardings=parallel.replicated(mesh))
   outputs, labels = [], []
   for batch in eval_set.batches(batch_size, this_host_only=not distributed):
     if distributed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -18,12 +19,40 @@ class FrozenEncoder:
   Evaluation jits `apply` with the variables as an argument, never closed over: jax cannot
   compile a closure over arrays that span other processes' devices, which every multi-host
   train state does (and, with `mesh.fsdp`, holds only in slices).
+
+  `compiler_options`: XLA options for compiling `apply`, as (name, value) pairs
+  (`ssl_jax.compiler_options.for_encoder`; hashable, for `jitted_encoder`'s cache).
   """
   apply: Callable
   variables: Any
+  compiler_options: tuple[tuple[str, str], ...] = ()
 
   def __call__(self, images):
     return self.apply(self.variables, images)
+
+  @classmethod
+  def of_method(cls, method, variables) -> FrozenEncoder:
+    """`method`'s encoder (`Method.frozen_apply`) with `variables` = (params, batch_stats),
+    compiled with the options of its model."""
+    from ssl_jax import compiler_options  # pylint: disable=g-import-not-at-top
+    options = compiler_options.for_encoder(method.config.model)
+    return cls(method.frozen_apply, variables, tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def jitted_encoder(apply: Callable, image_size: int | None, compiler_options=(),
+                   out_shardings=None) -> Callable:
+  """`jax.jit` of (variables, images) -> apply(variables, preprocess(images, image_size)), one
+  per set of arguments: evaluation calls it with the same shapes at every periodic
+  evaluation, which then reuses the compiled executable (a new jit would trace and compile
+  again, about a second per extraction for the default ConvNet on a CPU). `out_shardings`
+  (with a mesh) also lays out two more arguments passed through, as `eval_data`'s sharded
+  extraction has them."""
+  options = dict(compiler_options) or None
+  if out_shardings is None:
+    return jax.jit(lambda v, x: apply(v, preprocess(x, image_size)), compiler_options=options)
+  return jax.jit(lambda v, x, *rest: (apply(v, preprocess(x, image_size)), *rest),
+                 out_shardings=out_shardings, compiler_options=options)
 
 
 def local_copy(tree):
@@ -56,15 +85,16 @@ def on_mesh(tree, mesh):
   return jax.tree.map(put, tree)
 
 
-def encoder_parts(encode_fn, mesh=None) -> tuple[Callable, Any]:
-  """(apply, variables) of a FrozenEncoder or a plain function of images (variables None),
-  with `apply(variables, images)` to jit: with a `mesh`, the variables on its devices
-  (`on_mesh`), without, on this process's first device (`local_copy`)."""
+def encoder_parts(encode_fn, mesh=None) -> tuple[Callable, Any, tuple]:
+  """(apply, variables, compiler_options) of a FrozenEncoder or a plain function of images
+  (variables None, no options), with `apply(variables, images)` to jit: with a `mesh`, the
+  variables on its devices (`on_mesh`), without, on this process's first device
+  (`local_copy`)."""
   if isinstance(encode_fn, FrozenEncoder):
     variables = encode_fn.variables
     return encode_fn.apply, (local_copy(variables) if mesh is None else
-                             on_mesh(variables, mesh))
-  return (lambda _, images: encode_fn(images)), None
+                             on_mesh(variables, mesh)), encode_fn.compiler_options
+  return (lambda _, images: encode_fn(images)), None, ()
 
 
 def extract_features(encode_fn, images_uint8: np.ndarray, batch_size: int = 1024,
@@ -77,8 +107,8 @@ def extract_features(encode_fn, images_uint8: np.ndarray, batch_size: int = 1024
   crops of another resolution. The last batch is padded so that one compiled shape serves
   every batch.
   """
-  apply, variables = encoder_parts(encode_fn)
-  encode = jax.jit(lambda v, x: apply(v, preprocess(x, image_size)))
+  apply, variables, options = encoder_parts(encode_fn)
+  encode = jitted_encoder(apply, image_size, options)
   return map_padded_batches(lambda batch: encode(variables, batch), images_uint8, batch_size)
 
 

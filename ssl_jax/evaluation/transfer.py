@@ -123,7 +123,7 @@ def adapted_encoder(encode_fn: features.FrozenEncoder, config,
   convert_channels(jnp.zeros((1, 1, 1, target_channels)), channels)  # an error, now if any
   apply = encode_fn.apply
   return features.FrozenEncoder(lambda v, x: apply(v, convert_channels(x, channels)),
-                                encode_fn.variables)
+                                encode_fn.variables, encode_fn.compiler_options)
 
 
 def check_request(config, name: str, evals) -> None:

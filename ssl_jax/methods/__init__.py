@@ -53,8 +53,7 @@ def frozen_encoder(method, state):
   """The encoder that evaluation scores (`features.FrozenEncoder`: callable on float
   images)."""
   from ssl_jax.evaluation.features import FrozenEncoder  # evaluation imports the methods
-  return FrozenEncoder(lambda v, images: method.encode(*v, images),
-                       evaluated_variables(method, state))
+  return FrozenEncoder.of_method(method, evaluated_variables(method, state))
 
 
 def build_method(config, run_length: RunLength | None = None):

@@ -13,6 +13,7 @@ here; the trainer calls them unconditionally, never probing with `hasattr`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -73,6 +74,14 @@ class Method:
   # in this order; the data source must provide every one of them (checked before training).
   # 'index' (int32, each row's record index in the training source) comes with every batch.
   paired_inputs: ClassVar[tuple[str, ...]] = ()
+
+  @functools.cached_property
+  def frozen_apply(self):
+    """`encode` as `apply(variables, images)`, variables = (params, batch_stats): the apply
+    of the method's `features.FrozenEncoder`s. One function object per method, so that
+    evaluation's jitted extraction, cached on it (`features.jitted_encoder`), compiles once
+    per run instead of at every periodic evaluation."""
+    return lambda variables, images: self.encode(*variables, images)
 
   # --- What every method writes. ---
   #
