@@ -351,7 +351,8 @@ class TorchStep:
     self.feature_dim, self.projection_dim = features.shape[-1], projection.shape[-1]
     self.model.train()
 
-  def step(self) -> None:
+  def step(self):
+    """One step on `self.images`; returns the loss, detached."""
     with torch.no_grad():
       # Both views as one batch, as the JAX step forwards them (methods.common.forward_together).
       x = torch.cat(torch_views(self.images, self.config.augment))
@@ -363,6 +364,7 @@ class TorchStep:
     lars_update(self.params, self.momenta, self.learning_rates[self.step_count],
                 self.config.optimizer)
     self.step_count += 1
+    return loss.detach()
 
   def run(self, steps: int, warmup_steps: int) -> list[float]:
     """Seconds per step, as `train_throughput.time_steps` measures (eager CPU ops have
