@@ -88,16 +88,16 @@ class TorchKnnMonitor:
                        'only the whole image is implemented')
     return x.contiguous(memory_format=torch.channels_last)
 
-  @torch.no_grad()
   def score(self, encoder) -> float:
     encoder.eval()
     features = lambda x: torch.cat([torch.nn.functional.normalize(encoder(chunk), dim=1)
                                     for chunk in x.split(self.batch_size)])
-    bank, queries = features(self.bank_images), features(self.queries)
+    with torch.no_grad():
+      bank, queries = features(self.bank_images), features(self.queries)
+      similarity, index = (queries @ bank.T).topk(self.k, dim=1)
+      votes = torch.zeros(len(queries), self.num_classes).scatter_add_(
+          1, self.bank_labels[index], (similarity / self.temperature).exp())
     encoder.train()
-    similarity, index = (queries @ bank.T).topk(self.k, dim=1)
-    votes = torch.zeros(len(queries), self.num_classes).scatter_add_(
-        1, self.bank_labels[index], (similarity / self.temperature).exp())
     return (votes.argmax(dim=1) == self.query_labels).float().mean().item()
 
 

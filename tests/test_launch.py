@@ -138,3 +138,22 @@ def test_throughput_benchmark_runs_on_a_tiny_config():
   for key in ('compile_s', 'step_ms_median', 'step_ms_mean', 'images_per_sec',
               'gflop_per_step', 'achieved_gflops', 'peak_gflops', 'mfu_percent'):
     assert isinstance(figures[key], float) and figures[key] > 0, key
+
+
+def test_end_to_end_benchmark_times_the_trainer_on_a_tiny_config():
+  # JAX only (torch is not a dependency); one device, as above.
+  xla_flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                     os.environ.get('XLA_FLAGS', '')).strip()
+  env = dict(os.environ, XLA_FLAGS=xla_flags)
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'vs_pytorch_run.py'), '--order=jax',
+       '--steps=3', '--config.batch_size=32', '--config.model.widths=(4,8)',
+       '--config.model.convs_per_stage=1', '--config.method.projector_hidden_dim=16',
+       '--config.method.projector_output_dim=8', '--config.augment.crop_size=12',
+       '--config.eval.image_size=12'],
+      env=env, capture_output=True, text=True, timeout=180)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  [row] = figures['rows']
+  assert (figures['steps'], figures['batch_size'], row['implementation']) == (3, 32, 'jax')
+  assert row['images_per_sec'] == 3 * 32 / row['seconds'] and row['jax_over_this'] is None
