@@ -43,7 +43,12 @@ crops, jitter, loss and LARS update up to float32 rounding.
 Timing: each implementation first runs `warmup_steps` untimed steps, then its `steps` timed
 steps in `rounds` blocks, the implementations taking turns block by block (each block after the
 first begins with one untimed step), so that a change in the machine's speed during the run
-(other work, frequency) reaches all of them alike. Machines of this class differ by up to 2x,
+(other work, frequency) reaches all of them alike. The PyTorch steps run in a process of their
+own (spawned; JAX's in this one): in one process, the JAX step timed 15-18 % slower between
+PyTorch's blocks than alone (133.3 against 113.0-113.5 ms, issue 14's session of 2026-12-03),
+and as fast as alone with `OMP_WAIT_POLICY=PASSIVE`, which in turn slowed PyTorch's
+channels-last step from 67-70 to 86 ms: PyTorch's OpenMP threads, which spin while they wait
+by default, took cores from XLA's. Machines of this class differ by up to 2x,
 so only the ratios of one run are meaningful. Prints a table (median step time, images/s,
 JAX/torch ratio of images/s, and the JAX step's MFU against the float32 matmul peak measured in
 the same run), then the same figures as one JSON line.
@@ -330,6 +335,43 @@ def lars_update(params, momenta, learning_rate: float, opt) -> None:
       p.add_(update + opt.momentum * m if opt.nesterov else m)
 
 
+def torch_worker(conn, config, images, learning_rates) -> None:
+  """The PyTorch steps of both memory formats, in a process of their own (module docstring):
+  sends their model facts and torch's thread count, then runs `(name, steps, warmup_steps)` requests, replying with
+  the seconds per timed step, until it receives None."""
+  torch.set_num_threads(os.cpu_count())
+  steps = {name: TorchStep(config, images, learning_rates, memory_format)
+           for name, memory_format in ((TORCH_NCHW, torch.contiguous_format),
+                                       (TORCH_CHANNELS_LAST, torch.channels_last))}
+  conn.send((model_facts(steps[TORCH_NCHW]), torch.get_num_threads()))
+  while (request := conn.recv()) is not None:
+    name, steps_to_time, warmup_steps = request
+    conn.send(steps[name].run(steps_to_time, warmup_steps))
+
+
+class TorchProcess:
+  """`torch_worker` in a spawned process, with a runner per memory format."""
+
+  def __init__(self, config, images, learning_rates):
+    import multiprocessing
+    context = multiprocessing.get_context('spawn')  # a fresh interpreter: no JAX threads
+    self.conn, child_conn = context.Pipe()
+    self.process = context.Process(target=torch_worker, daemon=True,
+                                   args=(child_conn, config, images, learning_rates))
+    self.process.start()
+    self.facts, self.threads = self.conn.recv()
+
+  def runner(self, name: str):
+    def run(steps: int, warmup_steps: int) -> list[float]:
+      self.conn.send((name, steps, warmup_steps))
+      return self.conn.recv()
+    return run
+
+  def close(self) -> None:
+    self.conn.send(None)
+    self.process.join(timeout=60)
+
+
 class TorchStep:
   """The PyTorch recipe's train step on the same uint8 batch, in one memory format."""
 
@@ -460,22 +502,23 @@ def main(argv):
     if problems := torch_recipe_problems(config, channels, platform):
       raise app.UsageError('The PyTorch recipe here does not implement this config:\n  '
                            + '\n  '.join(problems))
-    torch.set_num_threads(os.cpu_count())
 
   jax_step = JaxStep(config)
   runners = {JAX: jax_step.run}
   models = {'jax': model_facts(jax_step)}
+  torch_process = None
   if torch is not None:
-    images = jax.device_get(jax_step.images)
-    torch_steps = {name: TorchStep(config, images, jax_step.learning_rates, memory_format)
-                   for name, memory_format in ((TORCH_NCHW, torch.contiguous_format),
-                                               (TORCH_CHANNELS_LAST, torch.channels_last))}
-    runners.update((name, step.run) for name, step in torch_steps.items())
-    models['torch'] = model_facts(torch_steps[TORCH_NCHW])
+    torch_process = TorchProcess(config, jax.device_get(jax_step.images),
+                                 jax_step.learning_rates)
+    runners.update((name, torch_process.runner(name))
+                   for name in (TORCH_NCHW, TORCH_CHANNELS_LAST))
+    models['torch'] = torch_process.facts
     if models['torch'] != models['jax']:
       raise RuntimeError(f'The torch model differs from the JAX one: {models}.')
 
   times = time_interleaved(runners, FLAGS.steps, FLAGS.warmup_steps, FLAGS.rounds)
+  if torch_process is not None:
+    torch_process.close()
   # As train_throughput: simulated CPU devices share the cores, so the peak is one device's.
   peak = train_throughput.matmul_peak_gflops(FLAGS.matmul_repeats)
   peak = peak if platform == 'cpu' else peak * devices
@@ -485,7 +528,7 @@ def main(argv):
       'warmup_steps': FLAGS.warmup_steps, 'cpu_count': os.cpu_count(),
       'jax_version': jax.__version__, 'devices': devices, 'platform': platform,
       'torch_version': torch.__version__ if torch else None,
-      'torch_threads': torch.get_num_threads() if torch else None,
+      'torch_threads': torch_process.threads if torch_process else None,
       'compile_s': jax_step.compile_s, 'models': models,
       'gflop_per_step': jax_step.flops / 1e9, 'peak_gflops': peak,
       'rows': summarize(times, config.batch_size, jax_step.flops, peak),

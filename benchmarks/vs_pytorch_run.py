@@ -22,7 +22,7 @@ of README command 1, in which the step is one part:
   same steps as the JAX checkpoints. It computes no representation diagnostics and writes
   no TensorBoard events: JAX does a little more work.
 
-The two run one after the other (`--order`), each from a fresh start. `steps` defaults to
+The two run one after the other (`--order`), each from a fresh start in a process of its own. `steps` defaults to
 500, the monitor's period, so both loops pay one evaluation and one checkpoint per 500 steps,
 as in command 1 (3,744 steps, 7 evaluations); start-up weighs more in a short run than in
 command 1. Prints a table of wall time, images/s and the ratio of JAX's images/s to
@@ -50,6 +50,31 @@ flags.DEFINE_list('order', ['jax', 'torch'], 'Which loops run, in this order.')
 
 torch = vs_pytorch.torch
 JAX, TORCH = 'jax', 'torch (channels-last)'
+
+
+def _child(fn, config, steps: int, conn) -> None:
+  from ssl_jax import cli
+  cli.quiet_logging(sys.argv)
+  conn.send(fn(config, steps))
+
+
+def run_alone(fn, config, steps: int) -> dict:
+  """fn(config, steps) in a spawned process of its own, as a user runs either loop: in one
+  process, the second loop would share the cores with the first's waiting threads (the JAX
+  step of vs_pytorch.py timed 15-18 % slower beside PyTorch's)."""
+  import multiprocessing
+  context = multiprocessing.get_context('spawn')
+  conn, child_conn = context.Pipe()
+  # Not a daemon: the JAX input pipeline starts worker processes of its own.
+  process = context.Process(target=_child, args=(fn, config, steps, child_conn))
+  process.start()
+  while not conn.poll(1.0):
+    if not process.is_alive():
+      raise RuntimeError(f'{fn.__name__} failed (exit code {process.exitcode}); its error is '
+                         'above.')
+  result = conn.recv()
+  process.join()
+  return result
 
 
 def run_jax(config, steps: int) -> dict:
@@ -108,6 +133,7 @@ def run_torch(config, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
 
+  torch.set_num_threads(os.cpu_count())
   start = time.perf_counter()
   train_source = sources.get_source(config.data.name, config.data.train_split)
   test_source = sources.get_source(config.data.name, config.data.eval_split)
@@ -162,12 +188,11 @@ def main(argv):
                                                     jax.devices()[0].platform):
       raise app.UsageError('The PyTorch recipe does not implement this config:\n  '
                            + '\n  '.join(problems))
-    torch.set_num_threads(os.cpu_count())
 
   runs = {}
   for name in FLAGS.order:
-    runs[JAX if name == 'jax' else TORCH] = (run_jax if name == 'jax' else run_torch)(config,
-                                                                                        steps)
+    runs[JAX if name == 'jax' else TORCH] = run_alone(run_jax if name == 'jax' else run_torch,
+                                                      config, steps)
   images = steps * config.batch_size
   rows = [{'implementation': name, 'seconds': r['seconds'], 'images_per_sec': images / r['seconds']}
           for name, r in runs.items()]
