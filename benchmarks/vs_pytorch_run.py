@@ -94,13 +94,14 @@ class TorchKnnMonitor:
   queries against the bank's (cosine similarity, the k most similar, votes weighted by
   exp(similarity / temperature))."""
 
-  def __init__(self, config, train_source, test_source):
+  def __init__(self, config, train: dict, test_source):
+    """`train`: the training images and labels, read already; the bank is their first
+    `eval.periodic_bank_size`."""
     e = config.eval
     self.k, self.temperature, self.batch_size = e.knn_k, e.knn_temperature, e.batch_size
     self.image_size = e.image_size
-    take = lambda source, n: source.get_batch(list(range(min(n, len(source)))))
-    bank, queries = take(train_source, e.periodic_bank_size), take(test_source,
-                                                                   e.periodic_test_size)
+    bank = {key: value[:e.periodic_bank_size] for key, value in train.items()}
+    queries = test_source.get_batch(list(range(min(e.periodic_test_size, len(test_source)))))
     self.bank_images, self.queries = self._prepare(bank['image']), self._prepare(queries['image'])
     self.bank_labels = torch.tensor(bank['label'], dtype=torch.long)
     self.query_labels = torch.tensor(queries['label'], dtype=torch.long)
@@ -142,7 +143,7 @@ def run_torch(config, steps: int) -> dict:
   learning_rates = jax.device_get(schedule(jnp.arange(steps))).tolist()
   everything = train_source.get_batch(list(range(len(train_source))))
   images = torch.tensor(everything['image'])
-  monitor = TorchKnnMonitor(config, train_source, test_source)
+  monitor = TorchKnnMonitor(config, everything, test_source)
   step = vs_pytorch.TorchStep(config, everything['image'][:config.batch_size], learning_rates,
                               torch.channels_last)
   per_epoch = len(images) // config.batch_size

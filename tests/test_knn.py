@@ -9,6 +9,8 @@ from sklearn.neighbors import NearestNeighbors
 from ssl_jax import parallel
 from ssl_jax.evaluation import features, knn
 
+TRACE_EVENT = '/jax/core/compile/jaxpr_trace_duration'  # jax.monitoring: one per jaxpr traced
+
 
 def _sklearn_weighted_knn(bank, bank_labels, test, k, temperature, num_classes):
   nn = NearestNeighbors(n_neighbors=k, metric='cosine', algorithm='brute').fit(bank)
@@ -149,6 +151,3 @@ def test_evaluations_of_later_states_reuse_the_compiled_extraction(tiny_config):
   np.testing.assert_allclose(local, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-6)
   assert not np.allclose(extracted[0][1], local, atol=1e-3)  # the later state's features
-
-
-TRACE_EVENT = '/jax/core/compile/jaxpr_trace_duration'

@@ -20,7 +20,6 @@ import dataclasses
 import pathlib
 from typing import Any, Callable, Iterator
 
-import jax
 import numpy as np
 from absl import logging
 
